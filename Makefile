@@ -1,0 +1,36 @@
+# Two commands do all the set-up on a fresh machine:
+#   make train   runs the main job (IPPO/GSPO) on the embedded default: tiny model, CPU, offline
+#   make test    runs the test suite (what CI runs through .ci/run)
+# Both create the virtual environment in $(VENV) when it is missing or out of date.
+PYTHON ?= python3
+VENV ?= .venv
+# cpu: onnxruntime; gpu: onnxruntime-gpu (never both).
+FLAVOUR ?= cpu
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(FLAVOUR)
+
+.PHONY: train test bench venv clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[$(FLAVOUR),dev]"
+	# Installed without their declared requirements: insightface requires onnxruntime and
+	# opencv-python (clashing with onnxruntime-gpu and opencv-python-headless); facenet-pytorch
+	# pins torch<2.3. What they really need at run time is in pyproject.toml.
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt insightface facenet-pytorch
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+train: $(STAMP)
+	$(PY) scripts/train_gspo.py --config configs/quickstart.yaml $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/sampler_overhead.py $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,41 @@
+"""Run folders: every run writes its resolved config, logs (and later metrics, plots, samples and
+checkpoints) under one folder."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rl_align.config import save_config
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    output_root: str = "runs"  # run folders are created under this directory
+    name: str = ""  # folder name; empty means "<prefix>-<YYYYmmdd-HHMMSS>"
+    seed: int = 0  # base seed of all noise, prompts and initialisation
+
+
+def create_run_dir(run: RunConfig, cfg: Any, prefix: str) -> Path:
+    """Create a new run folder and write ``config.yaml`` (the fully resolved ``cfg``) into it.
+    Refuses to reuse an existing folder so that no earlier run is overwritten."""
+    name = run.name or f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(run.output_root) / name
+    try:
+        run_dir.mkdir(parents=True, exist_ok=False)
+    except FileExistsError:
+        raise FileExistsError(f"run folder {run_dir} already exists; choose another run.name or resume it") from None
+    save_config(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+def setup_logging(run_dir: Path | None = None, level: int = logging.INFO) -> None:
+    """Log to stderr and, when given, to ``run_dir/log.txt``."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if run_dir is not None:
+        handlers.append(logging.FileHandler(run_dir / "log.txt"))
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
