@@ -76,15 +76,21 @@ def sde_step_with_logprob(
         raise ValueError("pass prev_sample (to score a transition) or noise/generator (to sample), not both")
 
     x32, v32 = x.float(), v.float()
-    s = _per_sample(sigma, x32)
-    s_next = _per_sample(sigma_next, x32)
-    if torch.any(s_next >= s) or torch.any(s <= 0) or torch.any(s > 1):
-        raise ValueError(f"need 0 < sigma <= 1 and sigma_next < sigma, got sigma={sigma}, sigma_next={sigma_next}")
+    # Floats stay Python scalars (no tensor ops, no device sync); tensors broadcast as (B, 1, ..., 1).
+    s = float(sigma) if not torch.is_tensor(sigma) else _per_sample(sigma, x32)
+    s_next = float(sigma_next) if not torch.is_tensor(sigma_next) else _per_sample(sigma_next, x32)
+    if torch.is_tensor(s) or torch.is_tensor(s_next):
+        # Checking device tensors would stall the GPU every step; CPU tensors are checked.
+        valid = x32.device.type != "cpu" or bool(torch.all((0 <= s_next) & (s_next < s) & (s <= 1)))
+    else:
+        valid = 0 <= s_next < s <= 1
+    if not valid:
+        raise ValueError(f"need 0 <= sigma_next < sigma <= 1, got sigma={sigma}, sigma_next={sigma_next}")
     dt = s_next - s
-    s_denominator = torch.where(s == 1.0, s_next, s)
-    std_t = eta * torch.sqrt(s / (1.0 - s_denominator))
-    mean = x32 * (1.0 + std_t**2 * dt / (2.0 * s)) + v32 * (1.0 + std_t**2 * (1.0 - s) / (2.0 * s)) * dt
-    std = std_t * torch.sqrt(-dt)
+    s_denominator = s + (s == 1.0) * (s_next - s)  # sigma, or sigma_next where sigma == 1
+    std_t = eta * (s / (1.0 - s_denominator)) ** 0.5
+    mean = x32 * (1.0 + std_t**2 * dt / (2.0 * s)) + v32 * ((1.0 + std_t**2 * (1.0 - s) / (2.0 * s)) * dt)
+    std = torch.as_tensor(std_t * (-dt) ** 0.5, dtype=torch.float32, device=x32.device)
 
     if prev_sample is not None:
         x_next = prev_sample.detach().float()
@@ -94,9 +100,16 @@ def sde_step_with_logprob(
             noise = torch.randn(x32.shape, generator=generator, dtype=torch.float32, device=device).to(x32.device)
         x_next = mean + std * noise.float()
 
-    log_density = -((x_next.detach() - mean) ** 2) / (2.0 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+    # log N(x_next; mean, std^2) per element is -(x_next - mean)^2 / (2 std^2) - log(std) - log(sqrt(2 pi));
+    # reducing the squared error first is the same sum with fewer full-size ops.
     dims = tuple(range(1, x32.ndim))
-    log_prob = log_density.mean(dim=dims) if reduce == "mean" else log_density.sum(dim=dims)
+    squared_error = (x_next.detach() - mean).square()
+    if reduce == "mean":
+        squared_error, count = squared_error.mean(dim=dims), 1
+    else:
+        squared_error, count = squared_error.sum(dim=dims), math.prod(x32.shape[1:])
+    std_b = std.reshape(-1) if std.ndim else std
+    log_prob = -squared_error / (2.0 * std_b**2) - count * (torch.log(std_b) + _LOG_SQRT_2PI)
     return SDEStep(x_next.detach(), log_prob, mean, std)
 
 

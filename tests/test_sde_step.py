@@ -108,6 +108,8 @@ def test_invalid_arguments_are_rejected():
         sde_step_with_logprob(x, v, 0.5, 0.4, eta=0.0)
     with pytest.raises(ValueError, match="sigma_next < sigma"):
         sde_step_with_logprob(x, v, 0.4, 0.5, eta=0.7)
+    with pytest.raises(ValueError, match="sigma_next < sigma"):
+        sde_step_with_logprob(x, v, torch.tensor([0.5, 0.5, 1.2]), torch.tensor([0.4, 0.4, 0.4]), eta=0.7)
     with pytest.raises(ValueError, match="not both"):
         sde_step_with_logprob(x, v, 0.5, 0.4, 0.7, noise=torch.zeros_like(x), prev_sample=x)
     with pytest.raises(ValueError, match="reduce"):
