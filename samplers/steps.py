@@ -65,7 +65,7 @@ def sde_step_with_logprob(
 
     Exactly one source of randomness is used: ``prev_sample`` (score a stored transition: the learner's
     path; ``noise`` and ``generator`` must then be None), else ``noise`` (deterministic), else a draw from
-    ``generator``. ``x_next`` is returned detached from the graph when it is given; gradients flow into
+    ``generator``. ``x_next`` is always returned detached (it is the action taken); gradients flow into
     ``log_prob`` and ``mean`` through ``v``.
     """
     if eta <= 0:
