@@ -1,0 +1,134 @@
+"""The policy update of IPPO (MultiCrafter Algorithm 1 lines 16-19): recompute the log-probs of the
+rollout's window transitions under the current policy, form the GSPO (or per-step GRPO) objective with
+group advantages, and take one clipped optimizer step.
+
+Policy-agnostic: the policy enters only as a velocity callable per group (samplers' contract), so the
+same update serves any model and is testable without one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal, NamedTuple, Sequence
+
+import torch
+
+from rl_align.losses import gaussian_mean_kl, grpo_step_objective, gspo_objective
+from samplers import Velocity, WindowTransition, sde_step_with_logprob
+from samplers.steps import Reduce
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    algorithm: Literal["gspo", "grpo"] = "gspo"  # "grpo": per-step ratios (MixGRPO), for comparison
+    clip_low: float = 1e-3  # eps_low; small because each log-prob is a mean over the latent dims
+    clip_high: float = 1e-3  # eps_high
+    learning_rate: float = 1e-5
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0  # grad-norm spikes followed by reward collapse are the commonest failure
+    kl_beta: float = 0.0  # weight of KL(policy || reference policy); 0 turns the reference pass off
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
+            raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {self.clip_low}, {self.clip_high}")
+        if self.learning_rate <= 0 or self.max_grad_norm <= 0 or self.kl_beta < 0:
+            raise ValueError("learning_rate and max_grad_norm must be > 0 and kl_beta >= 0")
+
+
+class GroupTransitions(NamedTuple):
+    """What the update needs of one rolled-out chunk of a group (n samples, W window steps)."""
+
+    group: int  # index into the caller's velocity factories
+    transitions: tuple[WindowTransition, ...]  # from samplers.mixed_rollout, in step order
+    advantages: torch.Tensor  # (n,)
+
+
+class UpdateStats(NamedTuple):
+    loss: float  # -J (plus kl_beta * KL), averaged over samples
+    ratio_mean: float  # mean importance ratio (sequence-level for GSPO)
+    clip_fraction: float  # fraction of ratios whose clipped branch was active
+    kl: float  # mean KL to the reference policy (0 when kl_beta == 0)
+    grad_norm: float  # before clipping
+    skipped: bool  # True when the loss or gradient was not finite and no step was taken
+
+
+def make_optimizer(params: Sequence[torch.nn.Parameter], cfg: LearnerConfig) -> torch.optim.AdamW:
+    if not params:
+        raise ValueError("no trainable parameters: the policy has no adapters to train")
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2))
+
+
+def window_log_probs(
+    velocity: Velocity, transitions: Sequence[WindowTransition], eta: float, reduce: Reduce, reference: Velocity | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs (n, W) of stored transitions under ``velocity`` (with grad), and the per-sample KL (n,)
+    to ``reference`` averaged over the steps (zeros without a reference)."""
+    log_probs, kls = [], []
+    for t in transitions:
+        sigma = torch.full((t.x_t.shape[0],), t.sigma, dtype=torch.float32, device=t.x_t.device)
+        step = sde_step_with_logprob(t.x_t, velocity(t.x_t, sigma), t.sigma, t.sigma_next, eta, reduce=reduce, prev_sample=t.x_next)
+        log_probs.append(step.log_prob)
+        if reference is not None:
+            with torch.no_grad():
+                ref = sde_step_with_logprob(t.x_t, reference(t.x_t, sigma), t.sigma, t.sigma_next, eta, reduce=reduce, prev_sample=t.x_next)
+            kls.append(gaussian_mean_kl(step.mean, ref.mean, step.std, reduce))
+    kl = torch.stack(kls, 1).mean(1) if kls else torch.zeros(len(log_probs[0]), device=log_probs[0].device)
+    return torch.stack(log_probs, 1), kl
+
+
+def policy_update(
+    chunks: Sequence[GroupTransitions],
+    velocity_of: Callable[[int], Velocity],
+    optimizer: torch.optim.Optimizer,
+    cfg: LearnerConfig,
+    eta: float,
+    reduce: Reduce = "mean",
+    reference_of: Callable[[int], Velocity] | None = None,
+) -> UpdateStats:
+    """One optimizer step over all chunks of an iteration.
+
+    Each chunk is recomputed with the same samples together as in the rollout (so the first update sees
+    a ratio of exactly 1) and back-propagated on its own (one chunk's graph in memory at a time), its
+    loss weighted by its share of the samples, so the step equals that of the mean over all samples.
+    A non-finite loss or gradient skips the step with a warning; gradients are clipped to max_grad_norm.
+    """
+    if not chunks:
+        raise ValueError("policy_update needs at least one chunk of transitions")
+    objective = gspo_objective if cfg.algorithm == "gspo" else grpo_step_objective
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    total = sum(len(c.advantages) for c in chunks)
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = ratio_sum = clipped_sum = kl_sum = 0.0
+    ratio_count = 0
+    finite = True
+    for chunk in chunks:
+        reference = reference_of(chunk.group) if (reference_of is not None and cfg.kl_beta > 0) else None
+        logp_new, kl = window_log_probs(velocity_of(chunk.group), chunk.transitions, eta, reduce, reference)
+        logp_old = torch.stack([t.log_prob for t in chunk.transitions], 1).detach()
+        out = objective(logp_new, logp_old, chunk.advantages.to(logp_new.device), cfg.clip_low, cfg.clip_high)
+        loss = out.loss + cfg.kl_beta * kl.mean()
+        weight = len(chunk.advantages) / total
+        if not torch.isfinite(loss):
+            finite = False
+            break
+        (weight * loss).backward()
+        loss_sum += weight * float(loss.detach())
+        ratio_sum += float(out.ratio.sum())
+        clipped_sum += float(out.clipped.float().sum())
+        ratio_count += out.ratio.numel()
+        kl_sum += weight * float(kl.mean().detach())
+
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if finite else math.nan
+    if not finite or not math.isfinite(grad_norm):
+        log.warning("non-finite %s: skipping this update", "loss" if not finite else "gradient norm")
+        optimizer.zero_grad(set_to_none=True)
+        return UpdateStats(math.nan if not finite else loss_sum, math.nan, math.nan, math.nan, grad_norm, True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return UpdateStats(loss_sum, ratio_sum / ratio_count, clipped_sum / ratio_count, kl_sum, grad_norm, False)
