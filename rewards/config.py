@@ -1,0 +1,152 @@
+"""Reward settings as frozen dataclasses (stdlib only; ``rl_align.config.load_config`` reads them from
+YAML and ``key=value`` overrides). Every model loads from a local path named here; nothing downloads.
+
+Components and their weights (MultiCrafter Eq. 9: R = w_text R_clip + w_aes R_hps + w_id R_id):
+``id`` (Hungarian multi-subject fidelity over face and object references), ``text`` (CLIP image-text
+cosine), ``aesthetic`` (HPSv2), and the weight-free ``jpeg_compressibility``, ``jpeg_incompressibility``
+and ``colour_target``. A component is loaded only when its resolved weight is non-zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+# MultiCrafter Sec. 4.4: the weights of Eq. 9 for the two tasks.
+PRESETS: dict[str, dict[str, float]] = {
+    "multi_human": {"id": 0.5, "text": 1.4, "aesthetic": 0.7},
+    "multi_object": {"id": 1.0, "text": 1.4, "aesthetic": 0.7},
+    "custom": {},
+}
+
+
+@dataclass(frozen=True)
+class WeightsConfig:
+    """Per-component weights, one field per component; ``null`` (the default) takes the preset's value,
+    or 0 if the preset has none."""
+
+    id: float | None = None
+    text: float | None = None
+    aesthetic: float | None = None
+    jpeg_compressibility: float | None = None
+    jpeg_incompressibility: float | None = None
+    colour_target: float | None = None
+
+
+@dataclass(frozen=True)
+class FaceConfig:
+    # dlib: the CPU default, weights from the face-recognition-models package (dlib_model_dir empty) or a
+    # folder holding the same two files. insightface: a buffalo_l-style folder (SCRFD + ArcFace ONNX).
+    backend: Literal["dlib", "insightface"] = "dlib"
+    insightface_dir: str = ""  # folder with det_10g.onnx and w600k_r50.onnx (or any SCRFD + ArcFace pair)
+    # ONNX Runtime providers in order of preference, e.g. [CUDAExecutionProvider, CPUExecutionProvider];
+    # the ones the installed onnxruntime lacks are skipped with a warning, none available is an error.
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    det_size: tuple[int, ...] = (640, 640)  # SCRFD input size (w, h)
+    det_thresh: float = 0.5
+    dlib_model_dir: str = ""  # empty: the files shipped by face_recognition_models
+    dlib_upsample: int = 1  # HOG detector upsampling: 1 finds faces down to ~40 px
+    dlib_same_person_distance: float = 0.6  # dlib's L2 threshold d0; similarity 1 - d / d0
+
+    def __post_init__(self) -> None:
+        if len(self.det_size) != 2 or min(self.det_size) < 32:
+            raise ValueError(f"det_size must be two sizes >= 32 (w, h), got {self.det_size}")
+        if not 0 < self.det_thresh < 1:
+            raise ValueError(f"det_thresh must be in (0, 1), got {self.det_thresh}")
+        if self.dlib_upsample < 0:
+            raise ValueError(f"dlib_upsample must be >= 0, got {self.dlib_upsample}")
+        if self.dlib_same_person_distance <= 0:
+            raise ValueError(f"dlib_same_person_distance must be > 0, got {self.dlib_same_person_distance}")
+
+
+@dataclass(frozen=True)
+class ObjectConfig:
+    florence_dir: str = ""  # Florence-2 (transformers Florence2ForConditionalGeneration + processor)
+    sam2_dir: str = ""  # SAM2 (transformers Sam2Model + Sam2Processor)
+    dinov2_dir: str = ""  # DINOv2 (transformers Dinov2Model + image processor)
+    max_new_tokens: int = 64  # grounding output length (4 location tokens per box plus phrase tokens)
+    dedupe_iou: float = 0.9  # boxes found for two captions that overlap this much are one candidate
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 4:
+            raise ValueError(f"max_new_tokens must be >= 4 (one box), got {self.max_new_tokens}")
+        if not 0 < self.dedupe_iou <= 1:
+            raise ValueError(f"dedupe_iou must be in (0, 1], got {self.dedupe_iou}")
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """An open_clip model and a local checkpoint file (``pretrained`` is passed to open_clip as a path)."""
+
+    model_name: str = "ViT-L-14"
+    checkpoint: str = ""
+
+
+@dataclass(frozen=True)
+class JpegConfig:
+    quality: int = 95  # DDPO's setting
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"quality must be in [1, 100], got {self.quality}")
+
+
+@dataclass(frozen=True)
+class ColourTargetConfig:
+    rgb: tuple[float, ...] = (0.9, 0.4, 0.1)  # target colour, each channel in [0, 1]
+
+    def __post_init__(self) -> None:
+        if len(self.rgb) != 3 or not all(0.0 <= c <= 1.0 for c in self.rgb):
+            raise ValueError(f"rgb must be three values in [0, 1], got {self.rgb}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"  # loopback by default; expose deliberately
+    port: int = 8000
+    max_images: int = 64  # per request -> 413 beyond
+    max_request_bytes: int = 64 * 1024 * 1024  # -> 413 beyond
+    max_references_per_image: int = 8  # -> 413 beyond
+    max_image_pixels: int = 4096 * 4096  # decoded size per image (decompression bombs) -> 413 beyond
+    # Name of an environment variable holding the bearer token; empty: no auth. The token itself never
+    # sits in a YAML file.
+    token_env: str = ""
+    ray_replicas: int = 1  # Ray Serve: replicas of the deployment
+    ray_gpus_per_replica: float = 0.0  # 1.0 places one replica per GPU
+
+    def __post_init__(self) -> None:
+        for name in ("max_images", "max_request_bytes", "max_references_per_image", "max_image_pixels", "ray_replicas"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    preset: Literal["multi_human", "multi_object", "custom"] = "custom"
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    device: str = "cpu"  # torch device of the CLIP/HPSv2/Florence-2/SAM2/DINOv2 models
+    # Subject kinds the ``id`` component scores: face (the face backend), object (Florence-2 -> SAM2 ->
+    # DINOv2). A request with a reference of another kind is rejected.
+    id_kinds: tuple[Literal["face", "object"], ...] = ("face",)
+    face: FaceConfig = field(default_factory=FaceConfig)
+    object: ObjectConfig = field(default_factory=ObjectConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    hps: ClipConfig = field(default_factory=lambda: ClipConfig(model_name="ViT-H-14"))
+    jpeg: JpegConfig = field(default_factory=JpegConfig)
+    colour: ColourTargetConfig = field(default_factory=ColourTargetConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    def __post_init__(self) -> None:
+        if not self.id_kinds or len(set(self.id_kinds)) != len(self.id_kinds):
+            raise ValueError(f"id_kinds must list face and/or object once each, got {self.id_kinds}")
+
+    def resolved_weights(self) -> dict[str, float]:
+        """Non-zero component weights: the preset's, then any weight set explicitly."""
+        weights = dict(PRESETS[self.preset])
+        for f in fields(WeightsConfig):
+            value = getattr(self.weights, f.name)
+            if value is not None:
+                weights[f.name] = value
+        return {name: w for name, w in weights.items() if w != 0.0}
