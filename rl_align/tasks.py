@@ -1,0 +1,109 @@
+"""Where RL groups come from: one task (a prompt and its reference subjects) per group.
+
+Two sources behind one interface, both deterministic in (seed, iteration, group):
+- ``SyntheticShapeTasks``: coloured-shape subjects made offline (rl_align.synthetic), for the quickstart;
+- ``ManifestTasks``: a JSON Lines manifest, one task per line, image paths relative to the manifest:
+  {"prompt": "two friends at a cafe", "references": [{"image": "refs/anna.png", "kind": "face", "caption": "a woman"}, ...]}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+from PIL import Image
+
+from rewards.types import SUBJECT_KINDS, ReferenceSubject
+from rl_align.synthetic import render_reference, sample_subjects, scene_prompt
+from samplers.noise import key_seed
+
+
+@dataclass(frozen=True, eq=False)
+class Task:
+    prompt: str
+    references: tuple[ReferenceSubject, ...]
+
+
+class TaskSource(Protocol):
+    def task(self, iteration: int, group: int) -> Task: ...
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    source: Literal["synthetic", "manifest"] = "synthetic"
+    manifest: str = ""  # JSON Lines file (source == "manifest")
+    min_subjects: int = 1  # synthetic: subjects per task, drawn uniformly in [min, max]
+    max_subjects: int = 2
+    reference_size: int = 64  # synthetic: side of each reference image in pixels
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_subjects <= self.max_subjects:
+            raise ValueError(f"need 1 <= min_subjects <= max_subjects, got {self.min_subjects}, {self.max_subjects}")
+        if self.source == "manifest" and not self.manifest:
+            raise ValueError("tasks.source is 'manifest' but tasks.manifest is empty: give the path of a JSON Lines file")
+
+
+class SyntheticShapeTasks:
+    def __init__(self, cfg: TaskConfig, seed: int):
+        self.cfg, self.seed = cfg, seed
+
+    def task(self, iteration: int, group: int) -> Task:
+        rng = np.random.default_rng(key_seed("task", self.seed, iteration, group))
+        count = int(rng.integers(self.cfg.min_subjects, self.cfg.max_subjects + 1))
+        subjects = sample_subjects(rng, count)
+        references = tuple(ReferenceSubject(render_reference(s, self.cfg.reference_size), "object", s.caption) for s in subjects)
+        return Task(scene_prompt(subjects), references)
+
+
+class ManifestError(ValueError):
+    """A bad manifest line; the message names the file and line."""
+
+
+class ManifestTasks:
+    """All tasks of a manifest, validated and loaded at start-up (a bad line fails before training)."""
+
+    def __init__(self, path: str | Path, seed: int):
+        self.path, self.seed = Path(path), seed
+        if not self.path.is_file():
+            raise ManifestError(f"task manifest {self.path} does not exist (expected a JSON Lines file of prompts and references)")
+        self.tasks = [self._parse(number, line) for number, line in enumerate(self.path.read_text().splitlines(), 1) if line.strip()]
+        if not self.tasks:
+            raise ManifestError(f"{self.path}: no tasks")
+
+    def _parse(self, number: int, line: str) -> Task:
+        where = f"{self.path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{where}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ManifestError(f"{where}: expected an object with a string 'prompt'")
+        references = record.get("references", [])
+        if not isinstance(references, list):
+            raise ManifestError(f"{where}: 'references' must be a list")
+        subjects = []
+        for i, ref in enumerate(references):
+            field = f"{where}: references[{i}]"
+            if not isinstance(ref, dict) or not isinstance(ref.get("image"), str):
+                raise ManifestError(f"{field}: expected an object with a string 'image' path")
+            if ref.get("kind") not in SUBJECT_KINDS:
+                raise ManifestError(f"{field}.kind: expected one of {', '.join(SUBJECT_KINDS)}, got {ref.get('kind')!r}")
+            image_path = self.path.parent / ref["image"]
+            if not image_path.is_file():
+                raise ManifestError(f"{field}.image: file {image_path} does not exist")
+            try:
+                image = np.asarray(Image.open(image_path).convert("RGB"))
+            except OSError as exc:
+                raise ManifestError(f"{field}.image: cannot read {image_path} as an image ({exc})") from None
+            subjects.append(ReferenceSubject(image, ref["kind"], str(ref.get("caption", ""))))
+        return Task(record["prompt"], tuple(subjects))
+
+    def task(self, iteration: int, group: int) -> Task:
+        return self.tasks[key_seed("task", self.seed, iteration, group) % len(self.tasks)]
+
+
+def build_task_source(cfg: TaskConfig, seed: int) -> TaskSource:
+    return ManifestTasks(cfg.manifest, seed) if cfg.source == "manifest" else SyntheticShapeTasks(cfg, seed)
