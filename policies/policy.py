@@ -1,0 +1,367 @@
+"""The FLUX multi-reference policy: prompt and reference conditioning, the model call with per-call
+attention features, the batch-size-invariant velocity for the samplers, and adapter save/load."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, NamedTuple, Sequence
+
+import torch
+from diffusers import FluxPipeline
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.tuners_utils import cast_adapter_dtype
+from safetensors.torch import load_file, save_file
+
+from policies.adapters import (
+    PEFT_ADAPTER_NAME,
+    DualBranchLoRALinear,
+    ForwardContext,
+    MoELoRALinear,
+    RouterRecord,
+    custom_adapter_state,
+    install_dual_branch_lora,
+    install_moe_lora,
+    peft_lora_config,
+)
+from policies.attention import AttentionControl, CaptureMethod, PolicyAttnProcessor, TemperatureMLP, TokenLayout, normalize_maps
+from policies.components import FluxComponents, build_tiny_components, load_local_components
+from policies.config import PolicyConfig
+from policies.ids import GridSize, grid_ids, pack_latents, reference_ids, text_ids, unpack_latents
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default name: load_lora_weights(folder) finds it
+CUSTOM_WEIGHTS_FILE = "policy_adapters.safetensors"
+ADAPTER_FORMAT = "rl-align-policy-adapters/1"
+
+
+class PromptEmbeds(NamedTuple):
+    prompt_embeds: torch.Tensor  # (B, T, D) T5 token embeddings
+    pooled_prompt_embeds: torch.Tensor  # (B, P) CLIP pooled embedding
+    item_spans: tuple[tuple[int, int], ...] | None  # [start, end) T5-token span of each reference's phrase
+
+
+class Conditioning(NamedTuple):
+    """Everything but the noisy latents and the time: prompt, packed references and position ids.
+    The batch is 1 (broadcast to any batch of latents) or the latents' batch; every sample shares the
+    token layout and ids."""
+
+    prompt_embeds: torch.Tensor  # (B, T, D)
+    pooled_prompt_embeds: torch.Tensor  # (B, P)
+    reference_tokens: torch.Tensor  # (B, sum n_i, 4C) packed reference latents, in reference order
+    txt_ids: torch.Tensor  # (T, 3)
+    img_ids: torch.Tensor  # (N + sum n_i, 3): noisy grid, then each reference
+    noisy_grid: GridSize  # packed grid of the noisy latents
+    layout: TokenLayout
+    item_spans: tuple[tuple[int, int], ...] | None
+
+
+@dataclass(frozen=True)
+class AttentionSwitches:
+    """Per-call attention features (all off: the stock FLUX attention). ``capture_method="full"`` is the
+    naive capture that materializes the whole attention matrix: a baseline for tests and benchmarks."""
+
+    capture: bool = False
+    capture_method: CaptureMethod = "chunked"
+    static_routing: bool = False
+    dynamic_routing: bool = False
+    temperature: bool = False
+
+
+class PolicyOutput(NamedTuple):
+    velocity: torch.Tensor  # (B, C, h, w) fp32, v = eps - x0 on the noisy latents only
+    attention_maps: torch.Tensor | None  # (B, R, N) in [0, 1], mean over double blocks, normalized
+    router: tuple[RouterRecord, ...]  # one per MoE-LoRA layer, in call order
+
+
+class PolicyVelocity:
+    """The samplers' velocity contract, (x_t (B, ...) fp32, sigma (B,) fp32) -> v (B, ...), with the
+    conditioning and attention switches bound."""
+
+    def __init__(self, policy: "FluxPolicy", conditioning: Conditioning, switches: AttentionSwitches = AttentionSwitches()):
+        self.policy, self.conditioning, self.switches = policy, conditioning, switches
+
+    def __call__(self, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return self.policy(x_t, sigma, self.conditioning, self.switches).velocity
+
+
+class FluxPolicy(torch.nn.Module):
+    """A FLUX transformer with reference images in context, its latent codec and text encoders (all
+    frozen), the policy attention processor in every block, and the configured adapters (the only
+    trainable parameters). Build it with ``FluxPolicy.from_config``."""
+
+    def __init__(self, components: FluxComponents, cfg: PolicyConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.transformer = components.transformer
+        self.codec = components.codec
+        self.text_encoder = components.text_encoder
+        self.text_encoder_2 = components.text_encoder_2
+        self.tokenizer = components.tokenizer
+        self.tokenizer_2 = components.tokenizer_2
+        self.t5_max_length = components.t5_max_length
+        self.forward_context = ForwardContext()
+        self.requires_grad_(False)  # base weights frozen; adapters below create trainable parameters
+        with torch.random.fork_rng(devices=[]):  # adapter init under its own seed, global RNG untouched
+            torch.manual_seed(cfg.adapter_seed)
+            self._install_processors()
+            if cfg.lora.enabled:
+                self.transformer.add_adapter(peft_lora_config(cfg.lora), adapter_name=PEFT_ADAPTER_NAME)
+                cast_adapter_dtype(self.transformer, PEFT_ADAPTER_NAME)  # LoRA trains in fp32 on a bf16 model
+            if cfg.moe_lora.enabled:
+                install_moe_lora(self.transformer, cfg.moe_lora, self.forward_context)
+            if cfg.dual_branch.enabled:
+                install_dual_branch_lora(self.transformer, cfg.dual_branch, self.forward_context)
+
+    @classmethod
+    def from_config(cls, cfg: PolicyConfig) -> "FluxPolicy":
+        dtype = getattr(torch, cfg.dtype)
+        if cfg.source == "local":
+            return cls(load_local_components(cfg.path, dtype=dtype), cfg)
+        components = build_tiny_components(cfg.tiny)
+        for model in (components.transformer, components.text_encoder, components.text_encoder_2):
+            # plain Module.to: diffusers' override only warns about modules to keep in fp32, FLUX has none
+            torch.nn.Module.to(model, dtype)
+        return cls(components, cfg)
+
+    def _install_processors(self) -> None:
+        attention = self.cfg.attention
+        inner_dim = self.transformer.inner_dim
+
+        def temperature() -> TemperatureMLP | None:
+            return TemperatureMLP(inner_dim, attention.temperature_hidden, attention.temperature_min) if attention.temperature else None
+
+        for block in self.transformer.transformer_blocks:
+            block.attn.set_processor(PolicyAttnProcessor(double_block=True, temperature=temperature()))
+        for block in self.transformer.single_transformer_blocks:
+            block.attn.set_processor(PolicyAttnProcessor(double_block=False, temperature=temperature()))
+
+    # ---- shapes and data ------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """One sample's (C, h, w) latent shape for an image of height x width pixels."""
+        factor = self.codec.scale_factor
+        if height % (2 * factor) or width % (2 * factor):
+            raise ValueError(f"image size {height}x{width} must be a multiple of {2 * factor} (codec factor x 2x2 packing)")
+        return self.codec.latent_channels, height // factor, width // factor
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [0, 1] -> latents (B, C, H/f, W/f) fp32."""
+        return self.codec.encode_images(images.to(self.device) * 2 - 1).float()
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents (B, C, h, w) -> images (B, 3, h f, w f) in [0, 1] fp32."""
+        return ((self.codec.decode_latents(latents).float() + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str], item_phrases: Sequence[str] | None = None) -> PromptEmbeds:
+        """T5 token embeddings and the CLIP pooled embedding (as FluxPipeline.encode_prompt). With
+        ``item_phrases`` (one per reference, each a substring of every prompt), also the T5-token span of
+        each phrase, which must be the same for every prompt of the batch."""
+        prompts = list(prompts)
+        clip = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt")
+        pooled = self.text_encoder(clip.input_ids.to(self.device)).pooler_output
+        t5 = self.tokenizer_2(
+            prompts, padding="max_length", max_length=self.t5_max_length, truncation=True,
+            return_tensors="pt", return_offsets_mapping=item_phrases is not None,
+        )
+        embeds = self.text_encoder_2(t5.input_ids.to(self.device)).last_hidden_state
+        spans = None
+        if item_phrases is not None:
+            per_prompt = [_phrase_token_spans(p, item_phrases, offsets.tolist()) for p, offsets in zip(prompts, t5.offset_mapping)]
+            if any(s != per_prompt[0] for s in per_prompt):
+                raise ValueError(f"item phrases fall on different prompt tokens across the batch: {per_prompt}")
+            spans = per_prompt[0]
+        return PromptEmbeds(embeds.float(), pooled.float(), spans)
+
+    def condition(
+        self,
+        prompts: PromptEmbeds,
+        references: Sequence[torch.Tensor],
+        height: int,
+        width: int,
+        condition_ids: Sequence[int] | None = None,
+    ) -> Conditioning:
+        """Encode the reference images (each (B or 1, 3, h_i, w_i) in [0, 1]), pack them and build the
+        position ids of the configured scheme for a target of height x width pixels."""
+        _, lh, lw = self.latent_shape(height, width)
+        noisy_grid = (lh // 2, lw // 2)
+        for image in references:
+            self.latent_shape(image.shape[-2], image.shape[-1])  # checks the size
+        sizes = {image.shape[0] for image in references} | {prompts.prompt_embeds.shape[0]}
+        if len(sizes - {1}) > 1:
+            raise ValueError(f"prompt and reference batch sizes must be 1 or one common size, got {sorted(sizes)}")
+        batch = max(sizes)
+        with torch.no_grad():
+            latents = [self.encode_images(image) for image in references]
+        tokens = [_expand_batch(pack_latents(z), batch) for z in latents]
+        grids = [(z.shape[-2] // 2, z.shape[-1] // 2) for z in latents]
+        scheme = self.cfg.position_scheme
+        ref_ids = reference_ids(scheme, noisy_grid, grids, condition_ids)
+        if scheme == "condition_id" and prompts.item_spans is None:
+            raise ValueError("position scheme 'condition_id' needs item_phrases when encoding the prompts")
+        txt = text_ids(scheme, prompts.prompt_embeds.shape[1], prompts.item_spans, ref_ids)
+        img = torch.cat([grid_ids(noisy_grid), *ref_ids], dim=0)
+        reference_tokens = torch.cat(tokens, dim=1) if tokens else prompts.prompt_embeds.new_zeros(1, 0, 4 * self.codec.latent_channels)
+        layout = TokenLayout(prompts.prompt_embeds.shape[1], noisy_grid[0] * noisy_grid[1], tuple(t.shape[1] for t in tokens))
+        device = self.device
+        return Conditioning(
+            prompts.prompt_embeds.to(device), prompts.pooled_prompt_embeds.to(device), reference_tokens.to(device),
+            txt.to(device), img.to(device), noisy_grid, layout, prompts.item_spans,
+        )
+
+    # ---- the model call -------------------------------------------------------------------------------
+
+    def forward(self, x_t: torch.Tensor, sigma: torch.Tensor, conditioning: Conditioning, switches: AttentionSwitches = AttentionSwitches()) -> PolicyOutput:
+        """x_t (B, C, h, w), sigma (B,) -> PolicyOutput. Samples never interact (ids are shared, masks,
+        routing and maps are per sample), so a sample's output does not depend on the rest of its batch
+        (tested to 1e-5 in fp32): the RL ratio is 1 before the first update."""
+        batch = x_t.shape[0]
+        dtype = self.transformer.dtype
+        noisy = pack_latents(x_t.to(self.device))
+        layout = conditioning.layout
+        if noisy.shape[1] != layout.noisy:
+            raise ValueError(f"latents pack to {noisy.shape[1]} tokens but the conditioning was built for {layout.noisy}")
+        hidden = torch.cat([noisy.to(dtype), _expand_batch(conditioning.reference_tokens, batch).to(dtype)], dim=1)
+        control = AttentionControl(
+            layout,
+            capture=switches.capture,
+            capture_method=switches.capture_method,
+            capture_chunk_rows=self.cfg.attention.capture_chunk_rows,
+            static_routing=switches.static_routing,
+            dynamic_routing=switches.dynamic_routing,
+            temperature=switches.temperature,
+            prompt_spans=conditioning.item_spans,
+        )
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((batch,), self.cfg.guidance_scale, device=self.device, dtype=torch.float32)
+        with self.forward_context.bound(layout) as router:
+            out = self.transformer(
+                hidden_states=hidden,
+                encoder_hidden_states=_expand_batch(conditioning.prompt_embeds, batch).to(dtype),
+                pooled_projections=_expand_batch(conditioning.pooled_prompt_embeds, batch).to(dtype),
+                timestep=sigma.to(self.device, dtype),  # FLUX takes timestep = sigma in [0, 1]
+                img_ids=conditioning.img_ids,
+                txt_ids=conditioning.txt_ids,
+                guidance=guidance,
+                joint_attention_kwargs={"attention_control": control},
+            ).sample
+        velocity = unpack_latents(out[:, : layout.noisy].float(), conditioning.noisy_grid)
+        maps = normalize_maps(torch.stack(control.captured).mean(dim=0)) if switches.capture and control.captured else None
+        return PolicyOutput(velocity, maps, tuple(router))
+
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """Run the base model: LoRA, MoE-LoRA and dual-branch LoRA switched off (the reference policy of
+        a KL term). Attention temperature is a per-call switch and stays as the caller sets it."""
+        custom = [m for m in self.transformer.modules() if isinstance(m, (MoELoRALinear, DualBranchLoRALinear))]
+        if self.cfg.lora.enabled:
+            self.transformer.disable_adapters()
+        for module in custom:
+            module.adapter_enabled = False
+        try:
+            yield
+        finally:
+            if self.cfg.lora.enabled:
+                self.transformer.enable_adapters()
+            for module in custom:
+                module.adapter_enabled = True
+
+    def velocity_fn(self, conditioning: Conditioning, switches: AttentionSwitches = AttentionSwitches()) -> PolicyVelocity:
+        return PolicyVelocity(self, conditioning, switches)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ---- adapters on disk -----------------------------------------------------------------------------
+
+    def _adapter_description(self) -> dict:
+        return {
+            "format": ADAPTER_FORMAT,
+            "lora": dataclasses.asdict(self.cfg.lora),
+            "moe_lora": dataclasses.asdict(self.cfg.moe_lora),
+            "dual_branch": dataclasses.asdict(self.cfg.dual_branch),
+            "attention_temperature": self.cfg.attention.temperature,
+        }
+
+    def save_adapters(self, folder: str | Path) -> None:
+        """Write the adapters: plain LoRA in diffusers' format (FluxPipeline.load_lora_weights(folder)
+        reads it), the other adapters to policy_adapters.safetensors, and adapter_config.json."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.cfg.lora.enabled:
+            FluxPipeline.save_lora_weights(
+                folder,
+                transformer_lora_layers=get_peft_model_state_dict(self.transformer, adapter_name=PEFT_ADAPTER_NAME),
+                weight_name=LORA_WEIGHTS_FILE,
+                transformer_lora_adapter_metadata=self.transformer.peft_config[PEFT_ADAPTER_NAME].to_dict(),
+            )
+        custom = custom_adapter_state(self.transformer)
+        if custom:
+            save_file({k: v.detach().contiguous().cpu() for k, v in custom.items()}, str(folder / CUSTOM_WEIGHTS_FILE))
+        (folder / ADAPTER_CONFIG_FILE).write_text(json.dumps(self._adapter_description(), indent=2, default=list))
+
+    def load_adapters(self, folder: str | Path) -> None:
+        """Load adapters saved by save_adapters into this policy, built with the same adapter config."""
+        folder = Path(folder)
+        config_file = folder / ADAPTER_CONFIG_FILE
+        if not config_file.is_file():
+            raise FileNotFoundError(f"adapter folder {folder} has no {ADAPTER_CONFIG_FILE}")
+        saved = json.loads(config_file.read_text())
+        expected = json.loads(json.dumps(self._adapter_description(), default=list))
+        for key in expected:
+            if saved.get(key) != expected[key]:
+                raise ValueError(f"{config_file}: '{key}' is {saved.get(key)!r} but this policy has {expected[key]!r}")
+        if self.cfg.lora.enabled:
+            state = load_file(str(folder / LORA_WEIGHTS_FILE))
+            state = {k.removeprefix("transformer."): v for k, v in state.items()}
+            result = set_peft_model_state_dict(self.transformer, state, adapter_name=PEFT_ADAPTER_NAME)
+            missing = [k for k in result.missing_keys if "lora_" in k and f".{PEFT_ADAPTER_NAME}." in k]
+            if result.unexpected_keys or missing:
+                raise ValueError(
+                    f"{folder / LORA_WEIGHTS_FILE} does not fit this policy's LoRA: "
+                    f"unexpected {result.unexpected_keys[:5]}, missing {missing[:5]}"
+                )
+        custom = custom_adapter_state(self.transformer)
+        if custom:
+            stored = load_file(str(folder / CUSTOM_WEIGHTS_FILE))
+            missing = sorted(set(custom) - set(stored))
+            if missing:
+                raise ValueError(f"{folder / CUSTOM_WEIGHTS_FILE} lacks {missing[:5]}")
+            with torch.no_grad():
+                for key, tensor in custom.items():
+                    tensor.copy_(stored[key])
+
+
+def _expand_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    """A batch-1 tensor broadcast to ``batch`` (conditioning shared by a group); any other batch must match."""
+    if tensor.shape[0] == batch:
+        return tensor
+    if tensor.shape[0] != 1:
+        raise ValueError(f"conditioning has batch {tensor.shape[0]} but the latents have batch {batch}")
+    return tensor.expand(batch, *tensor.shape[1:])
+
+
+def _phrase_token_spans(prompt: str, phrases: Sequence[str], offsets: list[list[int]]) -> tuple[tuple[int, int], ...]:
+    """[start, end) token span of each phrase's first occurrence in the prompt, from the tokenizer's
+    character offsets (a token belongs to the phrase if its characters overlap it)."""
+    spans = []
+    lowered = prompt.lower()
+    for phrase in phrases:
+        begin = lowered.find(phrase.lower())
+        if begin < 0:
+            raise ValueError(f"item phrase {phrase!r} does not occur in the prompt {prompt!r}")
+        end = begin + len(phrase)
+        tokens = [i for i, (s, e) in enumerate(offsets) if e > s and s < end and e > begin]
+        if not tokens:
+            raise ValueError(f"item phrase {phrase!r} was truncated away from the prompt {prompt!r}")
+        spans.append((tokens[0], tokens[-1] + 1))
+    return tuple(spans)

@@ -1,0 +1,213 @@
+"""LoRA (peft), MoE-LoRA and dual-branch LoRA: the gate and module formulas, gradients, what trains,
+save/load, and loading the plain LoRA into diffusers' FluxPipeline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import FluxPipeline
+from safetensors.torch import load_file, save_file
+
+from policies import (
+    AttentionSwitches,
+    DualBranchLoRAConfig,
+    LoRAConfig,
+    MoELoRAConfig,
+    TinyFluxConfig,
+    TokenLayout,
+    load_balancing_loss,
+    moe_gate_weights,
+)
+from policies.adapters import DualBranchLoRALinear, ForwardContext, MoELoRALinear
+from policies.components import build_tiny_components
+from policies.ids import unpack_latents
+from policy_helpers import PROMPTS, conditioning, latents, randomize_adapters, tiny_policy, transformer_inputs
+
+SWITCHES_ON = AttentionSwitches(static_routing=True, temperature=True)
+
+
+def test_gate_keeps_raw_softmax_at_top_k():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    p = torch.softmax(logits, dim=-1)[0]
+    torch.testing.assert_close(moe_gate_weights(logits, 1), torch.tensor([[0.0, p[1], 0.0, 0.0]]))
+    torch.testing.assert_close(moe_gate_weights(logits, 2), torch.tensor([[0.0, p[1], p[2], 0.0]]))
+
+
+def test_load_balancing_loss_is_one_when_balanced_and_larger_when_not():
+    balanced = torch.eye(4) * 5.0  # token i strongly prefers expert i
+    torch.testing.assert_close(load_balancing_loss(balanced, 1), torch.tensor(1.0))
+    collapsed = torch.zeros(4, 4)
+    collapsed[:, 0] = 5.0
+    p0 = torch.softmax(collapsed[0], dim=0)[0]
+    torch.testing.assert_close(load_balancing_loss(collapsed, 1), 4 * p0)
+
+
+def test_moe_lora_layer_equals_the_paper_formula_with_one_expert_per_token():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 5)
+    context = ForwardContext()
+    layer = MoELoRALinear(base, MoELoRAConfig(enabled=True, num_experts=3, top_k=1, rank=2, alpha=4.0), context)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    h = torch.randn(2, 7, 6)
+    with context.bound(TokenLayout(0, 7, ())) as router:
+        out = layer(h)
+    logits = h @ layer.gate.weight.T
+    p = torch.softmax(logits, dim=-1)
+    expected = base(h).clone()
+    for b in range(2):
+        for s in range(7):
+            e = int(logits[b, s].argmax())
+            expected[b, s] += p[b, s, e] * (4.0 / 2) * layer.lora_B[e] @ layer.lora_A[e] @ h[b, s]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    (record,) = router
+    assert record.experts.shape == (2, 7, 1)
+    assert torch.equal(record.experts[..., 0], logits.argmax(dim=-1))
+    layer(h)  # outside a policy call nothing is recorded (e.g. a checkpoint recompute in backward)
+    assert len(router) == 1
+
+
+def test_dual_branch_layer_leaves_prompt_tokens_alone():
+    torch.manual_seed(0)
+    base, context = torch.nn.Linear(6, 5), ForwardContext()
+    layout = TokenLayout(text=2, noisy=3, references=(2, 1))
+    layer = DualBranchLoRALinear(base, DualBranchLoRAConfig(enabled=True, noisy_rank=1, condition_rank=3, alpha_ratio=2.0), "joint", context)
+    with torch.no_grad():
+        layer.noisy_B.normal_()
+        layer.condition_B.normal_()
+    h = torch.randn(2, 8, 6)
+    with context.bound(layout):
+        out = layer(h)
+    expected = base(h).clone()
+    expected[:, 2:5] += 2.0 * h[:, 2:5] @ layer.noisy_A.T @ layer.noisy_B.T
+    expected[:, 5:] += 2.0 * h[:, 5:] @ layer.condition_A.T @ layer.condition_B.T
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[:, :2], base(h)[:, :2], rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="no token layout"):
+        layer(h)
+
+
+@pytest.mark.slow
+def test_moe_gate_gets_gradient_and_only_adapters_change_after_a_step():
+    policy = tiny_policy()
+    randomize_adapters(policy)
+    cond, x, sigma = conditioning(policy), latents(policy, 2), torch.tensor([0.4, 0.9])
+    out = policy(x, sigma, cond, SWITCHES_ON)
+    assert len(out.router) == 2 * 2 + 2  # ff.net.2 and ff_context.net.2 per double block, proj_out per single
+    assert all(r.experts.shape[-1] == 1 for r in out.router)
+    (out.velocity.pow(2).mean() + 0.01 * sum(load_balancing_loss(r.logits, 1) for r in out.router)).backward()
+    gates = [m.gate.weight for m in policy.modules() if isinstance(m, MoELoRALinear)]
+    assert len(gates) == 6 and all(g.grad is not None and g.grad.abs().sum() > 0 for g in gates)
+
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    adapter_words = ("lora_", "gate.weight", "processor.temperature")
+    assert trainable and all(any(w in n for w in adapter_words) for n in trainable)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2).step()
+    changed = {n for n, p in policy.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= trainable
+    assert any("lora_A" in n for n in changed) and any("gate.weight" in n for n in changed)
+
+
+def test_frozen_gate_is_not_trainable():
+    policy = tiny_policy(moe_lora=MoELoRAConfig(enabled=True, freeze_gate=True))
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert not any("gate" in n for n in trainable) and any("lora_B" in n for n in trainable)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"lora": LoRAConfig(enabled=False), "dual_branch": DualBranchLoRAConfig(enabled=True, noisy_rank=2, condition_rank=6)}],
+    ids=["lora+moe+temperature", "dual_branch+moe+temperature"],
+)
+def test_save_then_load_gives_identical_outputs(tmp_path, overrides):
+    trained = tiny_policy(**overrides)
+    randomize_adapters(trained, seed=1)
+    cond, x, sigma = conditioning(trained), latents(trained, 2), torch.tensor([0.2, 0.6])
+    with torch.no_grad():
+        expected = trained(x, sigma, cond, SWITCHES_ON).velocity
+    trained.save_adapters(tmp_path)
+
+    fresh = tiny_policy(adapter_seed=7, **overrides)
+    with torch.no_grad():
+        assert not torch.allclose(fresh(x, sigma, cond, SWITCHES_ON).velocity, expected)
+        fresh.load_adapters(tmp_path)
+        torch.testing.assert_close(fresh(x, sigma, cond, SWITCHES_ON).velocity, expected, rtol=0, atol=0)
+
+    mismatched = tiny_policy(moe_lora=MoELoRAConfig(enabled=True, num_experts=2), **{k: v for k, v in overrides.items() if k != "moe_lora"})
+    with pytest.raises(ValueError, match="'moe_lora'"):
+        mismatched.load_adapters(tmp_path)
+
+
+@pytest.mark.slow
+def test_dual_branch_trains_both_branches_and_no_prompt_projection():
+    policy = tiny_policy(lora=LoRAConfig(enabled=False), moe_lora=MoELoRAConfig(enabled=False), dual_branch=DualBranchLoRAConfig(enabled=True))
+    randomize_adapters(policy)
+    cond, x = conditioning(policy), latents(policy, 2)
+    policy(x, torch.tensor([0.5, 0.5]), cond).velocity.pow(2).mean().backward()
+    layers = {n: m for n, m in policy.transformer.named_modules() if isinstance(m, DualBranchLoRALinear)}
+    assert len(layers) == 2 * 4 + 2 * 3
+    assert all(m.noisy_B.grad.abs().sum() > 0 for m in layers.values())
+    # the last block's condition queries only shape condition outputs, which are dropped: no gradient there
+    last_query = "single_transformer_blocks.1.attn.to_q"
+    assert layers[last_query].condition_B.grad.abs().sum() == 0
+    assert all(m.condition_B.grad.abs().sum() > 0 for n, m in layers.items() if n != last_query)
+    prompt_projections = [n for n, _ in policy.transformer.named_modules() if n.endswith(("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"))]
+    assert prompt_projections and all(isinstance(policy.transformer.get_submodule(n), torch.nn.Linear) for n in prompt_projections)
+
+
+@pytest.mark.slow
+def test_plain_lora_loads_into_diffusers_flux_pipeline(tmp_path):
+    policy = tiny_policy(moe_lora=MoELoRAConfig(enabled=False), lora=LoRAConfig(rank=4, alpha=2.0))
+    randomize_adapters(policy, seed=2)
+    policy.save_adapters(tmp_path)
+
+    parts = build_tiny_components(TinyFluxConfig())  # same seed: the same base weights
+    pipe = FluxPipeline(
+        scheduler=None, vae=None, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+        text_encoder_2=parts.text_encoder_2, tokenizer_2=parts.tokenizer_2, transformer=parts.transformer,
+    )
+    cond, x, sigma = conditioning(policy, prompts=PROMPTS[:1]), latents(policy, 1), torch.tensor([0.5])
+    inputs = transformer_inputs(cond, x, sigma)
+    with torch.no_grad():
+        base = pipe.transformer(**inputs).sample
+        pipe.load_lora_weights(tmp_path)
+        loaded = pipe.transformer(**inputs).sample
+        ours = policy.transformer(**inputs).sample
+    assert not torch.allclose(base, ours, atol=1e-4)
+    torch.testing.assert_close(loaded, ours, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"lora": LoRAConfig(enabled=False), "dual_branch": DualBranchLoRAConfig(enabled=True)}],
+    ids=["lora+moe", "dual_branch+moe"],
+)
+def test_adapters_disabled_gives_the_base_model(overrides):
+    policy = tiny_policy(**overrides)
+    randomize_adapters(policy)
+    base = build_tiny_components(TinyFluxConfig()).transformer  # same seed, no adapters, stock attention
+    cond, x, sigma = conditioning(policy, prompts=PROMPTS[:1]), latents(policy, 1), torch.tensor([0.5])
+    inputs = transformer_inputs(cond, x, sigma)
+    with torch.no_grad():
+        expected = unpack_latents(base(**inputs).sample[:, : cond.layout.noisy], cond.noisy_grid)
+        adapted = policy(x, sigma, cond).velocity
+        with policy.adapters_disabled():
+            disabled = policy(x, sigma, cond).velocity
+        again = policy(x, sigma, cond).velocity
+    torch.testing.assert_close(disabled, expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(adapted, expected, atol=1e-4)
+    torch.testing.assert_close(again, adapted, rtol=0, atol=0)
+
+
+def test_loading_a_lora_file_with_missing_tensors_is_an_error(tmp_path):
+    policy = tiny_policy()
+    policy.save_adapters(tmp_path)
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    state = load_file(str(path))
+    state.pop("transformer.transformer_blocks.0.attn.to_q.lora_A.weight")
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match="missing .*transformer_blocks.0.attn.to_q.lora_A"):
+        tiny_policy().load_adapters(tmp_path)
