@@ -16,6 +16,8 @@ from typing import Literal
 PRESETS: dict[str, dict[str, float]] = {
     "multi_human": {"id": 0.5, "text": 1.4, "aesthetic": 0.7},
     "multi_object": {"id": 1.0, "text": 1.4, "aesthetic": 0.7},
+    # Offline and weight-free: the reward of the CPU quickstart.
+    "weight_free": {"colour_target": 1.0},
     "custom": {},
 }
 
@@ -124,7 +126,7 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    preset: Literal["multi_human", "multi_object", "custom"] = "custom"
+    preset: Literal["multi_human", "multi_object", "weight_free", "custom"] = "custom"
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     device: str = "cpu"  # torch device of the CLIP/HPSv2/Florence-2/SAM2/DINOv2 models
     # Subject kinds the ``id`` component scores: face (the face backend), object (Florence-2 -> SAM2 ->

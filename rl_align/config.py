@@ -2,7 +2,10 @@
 merge on top, and anything unknown or mistyped is an error that names the key.
 
 Precedence (lowest to highest): dataclass defaults < ``--config file.yaml`` < ``key=value`` arguments.
-Nested sections are addressed with dots (``sampler.eta=0.9``). Supported field types: ``bool``, ``int``,
+Nested sections are addressed with dots (``sampler.eta=0.9``). A section may also be given as the path
+of a YAML file holding it (``policy: policy/tiny.yaml`` in a file, relative to that file; ``policy=path``
+on the command line, relative to the working directory), so presets can share sections; such a file
+replaces the whole section (its keys over the section's class defaults). Supported field types: ``bool``, ``int``,
 ``float``, ``str``, ``Literal[...]`` (the choices are listed in errors), ``X | None``, ``tuple[X, ...]``
 and nested dataclasses.
 """
@@ -134,8 +137,9 @@ def _coerce(value: Any, tp: Any, key: str, from_text: bool) -> Any:
     raise ConfigError(f"{key}: unsupported field type {tp!r} in the config schema")
 
 
-def _build(cls: type[T], data: dict, prefix: str, where: str, base: T | None = None) -> T:
-    """Instantiate ``cls`` from a mapping, starting from ``base`` (or the defaults)."""
+def _build(cls: type[T], data: dict, prefix: str, where: str, base: T | None = None, base_dir: Path | None = None) -> T:
+    """Instantiate ``cls`` from a mapping, starting from ``base`` (or the defaults). String values of
+    section fields are YAML files holding the section, relative to ``base_dir``."""
     types_ = _field_types(cls)
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
@@ -143,9 +147,13 @@ def _build(cls: type[T], data: dict, prefix: str, where: str, base: T | None = N
         if name not in types_:
             raise _unknown_key(key, cls, where)
         tp = types_[name]
+        current = getattr(base, name) if base is not None else None
+        section_dir, section_where = base_dir, where
+        if dataclasses.is_dataclass(tp) and isinstance(value, str):  # the file replaces the whole section
+            value, section_dir, section_where = _read_yaml(Path(base_dir or ".") / value, key)
+            current = None
         if dataclasses.is_dataclass(tp) and isinstance(value, dict):
-            current = getattr(base, name) if base is not None else None
-            kwargs[name] = _build(tp, value, key + ".", where, current)
+            kwargs[name] = _build(tp, value, key + ".", section_where, current, section_dir)
         else:
             kwargs[name] = _coerce(value, tp, key, from_text=False)
     try:
@@ -153,52 +161,86 @@ def _build(cls: type[T], data: dict, prefix: str, where: str, base: T | None = N
     except (TypeError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise
-        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {exc}") from exc
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}{where}: {exc}") from exc
 
 
-def _set_dotted(cfg: T, key: str, raw: str, prefix: str = "") -> T:
-    head, _, rest = key.partition(".")
-    types_ = _field_types(type(cfg))
-    if head not in types_:
-        raise _unknown_key(prefix + key, type(cfg), " on the command line")
-    tp = types_[head]
-    if rest:
-        if not dataclasses.is_dataclass(tp):
-            raise ConfigError(f"{prefix}{head}: is not a section (it is {_describe(tp)}); cannot set '{prefix}{key}'")
-        child = _set_dotted(getattr(cfg, head), rest, raw, prefix + head + ".")
-        return dataclasses.replace(cfg, **{head: child})
+def _read_yaml(path: Path, key: str = "") -> tuple[dict, Path, str]:
+    """A YAML mapping, the folder it is in (for the paths it names) and ' in <path>' for messages."""
+    named = f" (named by '{key}', a section: set {key}.<name>=<value> or name a YAML file of it)" if key else ""
+    if not path.is_file():
+        raise ConfigError(f"config file {path}{named} does not exist")
     try:
-        return dataclasses.replace(cfg, **{head: _coerce(raw, tp, prefix + key, from_text=True)})
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}{named}: expected a mapping of config keys at the top level")
+    return data, path.parent, f" in {path}"
+
+
+_SECTION_FILE = "\0file"  # tree key: a section given as a YAML file on the command line
+
+
+def _apply_tree(cfg: T, tree: dict, prefix: str) -> T:
+    """Apply a tree of raw command-line values to ``cfg``: each section's changes at once, so that
+    checks across fields see all of them whatever their order on the command line."""
+    types_ = _field_types(type(cfg))
+    changes: dict[str, Any] = {}
+    for name, value in tree.items():
+        key = prefix + name
+        if name not in types_:
+            raise _unknown_key(key, type(cfg), " on the command line")
+        tp = types_[name]
+        if not dataclasses.is_dataclass(tp):
+            if isinstance(value, dict):
+                raise ConfigError(f"{key}: is not a section (it is {_describe(tp)}); cannot set '{key}.{next(iter(value))}'")
+            changes[name] = _coerce(value, tp, key, from_text=True)
+            continue
+        if isinstance(value, str):
+            value = {_SECTION_FILE: value}
+        section = getattr(cfg, name)
+        if _SECTION_FILE in value:  # the file first, then any keys set inside the section
+            data, section_dir, where = _read_yaml(Path(value[_SECTION_FILE]), key)
+            section = _build(tp, data, key + ".", where, None, section_dir)
+        rest = {k: v for k, v in value.items() if k != _SECTION_FILE}
+        changes[name] = _apply_tree(section, rest, key + ".") if rest else section
+    try:
+        return dataclasses.replace(cfg, **changes)
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:  # a __post_init__ check of the section
-        raise ConfigError(f"{prefix + key}={raw}: {exc}") from exc
+        raise ConfigError(f"{prefix.rstrip('.') or type(cfg).__name__} (with the command-line overrides): {exc}") from exc
 
 
 def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
-    """Apply ``key=value`` strings (dotted keys for nested sections) to a config."""
+    """Apply ``key=value`` strings (dotted keys for nested sections; a section's own key takes the path
+    of a YAML file holding it, applied before any keys set inside that section). Later values of the same
+    key win; the order of different keys does not matter."""
+    tree: dict = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
+        key = key.strip()
+        if not sep or not key or "" in key.split("."):
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        cfg = _set_dotted(cfg, key.strip(), raw.strip())
-    return cfg
+        *sections, leaf = key.split(".")
+        node = tree
+        for part in sections:
+            child = node.get(part)
+            node[part] = {_SECTION_FILE: child} if isinstance(child, str) else (child or {})
+            node = node[part]
+        if isinstance(node.get(leaf), dict):  # keys of this section were set too: the file goes under them
+            node[leaf][_SECTION_FILE] = raw.strip()
+        else:
+            node[leaf] = raw.strip()
+    return _apply_tree(cfg, tree, "")
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Defaults of ``cls``, then the YAML file at ``path`` (if any), then the ``key=value`` overrides."""
     cfg = cls()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
-        cfg = _build(cls, data, "", f" in {path}", base=cfg)
+        data, base_dir, where = _read_yaml(Path(path))
+        cfg = _build(cls, data, "", where, base=cfg, base_dir=base_dir)
     return apply_overrides(cfg, overrides)
 
 

@@ -33,6 +33,10 @@ class LearnerConfig:
     adam_beta2: float = 0.999
     max_grad_norm: float = 1.0  # grad-norm spikes followed by reward collapse are the commonest failure
     kl_beta: float = 0.0  # weight of KL(policy || reference policy); 0 turns the reference pass off
+    advantage_eps: float = 1e-4  # A = (R - mean) / (std + eps) within each group
+    advantage_clip: float = 5.0
+    # Normalize each reward component within its group before weighting (instead of normalizing the sum).
+    per_component_advantages: bool = False
 
     def __post_init__(self) -> None:
         if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
@@ -90,6 +94,8 @@ def policy_update(
     eta: float,
     reduce: Reduce = "mean",
     reference_of: Callable[[int], Velocity] | None = None,
+    total_samples: int | None = None,
+    all_reduce: Callable[[torch.Tensor], None] | None = None,
 ) -> UpdateStats:
     """One optimizer step over all chunks of an iteration.
 
@@ -97,16 +103,19 @@ def policy_update(
     a ratio of exactly 1) and back-propagated on its own (one chunk's graph in memory at a time), its
     loss weighted by its share of the samples, so the step equals that of the mean over all samples.
     A non-finite loss or gradient skips the step with a warning; gradients are clipped to max_grad_norm.
+
+    Data-parallel learners pass ``total_samples`` (the samples of all ranks together) and an in-place
+    sum ``all_reduce`` (torch.distributed.all_reduce): gradients and statistics are summed over ranks
+    before clipping, so every rank takes the same step, or skips it together.
     """
     if not chunks:
         raise ValueError("policy_update needs at least one chunk of transitions")
     objective = gspo_objective if cfg.algorithm == "gspo" else grpo_step_objective
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    total = sum(len(c.advantages) for c in chunks)
+    total = total_samples if total_samples is not None else sum(len(c.advantages) for c in chunks)
     optimizer.zero_grad(set_to_none=True)
-    loss_sum = ratio_sum = clipped_sum = kl_sum = 0.0
-    ratio_count = 0
-    finite = True
+    # Sums over this rank's samples: non-finite losses, loss, ratio, clipped, ratio count, KL.
+    sums = torch.zeros(6, dtype=torch.float64)
     for chunk in chunks:
         reference = reference_of(chunk.group) if (reference_of is not None and cfg.kl_beta > 0) else None
         logp_new, kl = window_log_probs(velocity_of(chunk.group), chunk.transitions, eta, reduce, reference)
@@ -115,20 +124,32 @@ def policy_update(
         loss = out.loss + cfg.kl_beta * kl.mean()
         weight = len(chunk.advantages) / total
         if not torch.isfinite(loss):
-            finite = False
+            sums[0] = 1.0
             break
         (weight * loss).backward()
-        loss_sum += weight * float(loss.detach())
-        ratio_sum += float(out.ratio.sum())
-        clipped_sum += float(out.clipped.float().sum())
-        ratio_count += out.ratio.numel()
-        kl_sum += weight * float(kl.mean().detach())
+        sums[1:] += torch.tensor(
+            [weight * float(loss.detach()), float(out.ratio.sum()), float(out.clipped.float().sum()), out.ratio.numel(), weight * float(kl.mean().detach())],
+            dtype=torch.float64,
+        )
 
+    if all_reduce is not None:
+        for p in params:  # a parameter unused on this rank may be used on another
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        all_reduce(flat)
+        all_reduce(sums)
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+    finite = float(sums[0]) == 0  # on every rank, after the reduction
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if finite else math.nan
     if not finite or not math.isfinite(grad_norm):
         log.warning("non-finite %s: skipping this update", "loss" if not finite else "gradient norm")
         optimizer.zero_grad(set_to_none=True)
-        return UpdateStats(math.nan if not finite else loss_sum, math.nan, math.nan, math.nan, grad_norm, True)
+        return UpdateStats(math.nan, math.nan, math.nan, math.nan, grad_norm, True)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    _, loss_sum, ratio_sum, clipped_sum, ratio_count, kl_sum = sums.tolist()
     return UpdateStats(loss_sum, ratio_sum / ratio_count, clipped_sum / ratio_count, kl_sum, grad_norm, False)

@@ -1,14 +1,80 @@
-"""The config of ``scripts/train_gspo.py`` (IPPO with GSPO). Sections are added as the learner grows."""
+"""The config of ``scripts/train_gspo.py``: IPPO with GSPO (MultiCrafter Sec. 4.4, Algorithm 1).
+
+Defaults are the embedded quickstart: the tiny random-init policy, synthetic shape tasks, weight-free
+rewards, CPU. The paper presets in configs/ override them.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from policies import PolicyConfig
+from rewards import RewardConfig
+from rl_align.ippo import RolloutConfig
+from rl_align.learner import LearnerConfig
 from rl_align.runs import RunConfig
+from rl_align.tasks import TaskConfig
 from samplers import SamplerConfig
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    rollout_workers: int = 1
+    reward_workers: int = 1
+    learners: int = 1  # > 1: data-parallel learners (torch.distributed: gloo on CPU, nccl on GPU)
+    gpus_per_rollout_worker: float = 0.0
+    gpus_per_reward_worker: float = 0.0
+    gpus_per_learner: float = 0.0
+    # Ray logical CPUs per actor: a scheduling share, not a thread count (see torch_threads). 0.5 lets the
+    # three actors of the quickstart share a 2-core machine.
+    cpus_per_worker: float = 0.5
+    torch_threads: int = 1  # per actor; several actors share a node's cores
+    max_restarts: int = 3  # restarts of a dead actor before the run fails
+    reward_url: str = ""  # score through a running reward server (http://host:port) instead of in-process models
+    reward_token_env: str = "RL_ALIGN_REWARD_TOKEN"  # environment variable holding that server's bearer token
+
+    def __post_init__(self) -> None:
+        if min(self.rollout_workers, self.reward_workers, self.learners) < 1:
+            raise ValueError("rollout_workers, reward_workers and learners must all be >= 1")
+
+    def required(self) -> dict[str, float]:
+        """Ray resources all actors need together."""
+        actors = self.rollout_workers + self.reward_workers + self.learners
+        gpus = self.rollout_workers * self.gpus_per_rollout_worker + self.reward_workers * self.gpus_per_reward_worker
+        return {"CPU": actors * self.cpus_per_worker, "GPU": gpus + self.learners * self.gpus_per_learner}
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    sample_every: int = 10  # iterations between sample grids (samples/iteration-NNNNNNNN.png)
+    checkpoint_every: int = 10  # iterations between checkpoints (and at the end)
+    keep_checkpoints: int = 3
+    plot_every: int = 10  # iterations between redraws of reward_curve.png
+
+    def __post_init__(self) -> None:
+        if min(self.sample_every, self.checkpoint_every, self.keep_checkpoints, self.plot_every) < 1:
+            raise ValueError("sample_every, checkpoint_every, keep_checkpoints and plot_every must be >= 1")
 
 
 @dataclass(frozen=True)
 class GSPOTrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
+    iterations: int = 300  # M in Algorithm 1 (MultiCrafter: 300)
+    # Warm start: a folder written by FluxPolicy.save_adapters (for example by scripts/sft.py); empty
+    # starts from the freshly initialized adapters.
+    init_adapters: str = ""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    reward: RewardConfig = field(default_factory=lambda: RewardConfig(preset="weight_free"))
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    tasks: TaskConfig = field(default_factory=TaskConfig)
+    workers: WorkerConfig = field(default_factory=WorkerConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
+        chunks = self.rollout.groups_per_iteration * len(self.rollout.chunks())
+        if self.workers.learners > chunks:
+            raise ValueError(f"workers.learners={self.workers.learners} exceeds the {chunks} rollout chunks per iteration: some ranks would idle")

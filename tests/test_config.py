@@ -47,7 +47,7 @@ def test_defaults_then_yaml_then_cli(tmp_path):
         ("flag=maybe", ["flag", "boolean"]),
         ("inner.mode=c", ["inner.mode", "'a', 'b'"]),
         ("inner.sizes=[1,x]", ["inner.sizes[1]", "integer"]),
-        ("inner=3", ["inner", "section"]),
+        ("inner=3", ["config file 3", "'inner', a section"]),
         ("steps.x=3", ["steps", "not a section"]),
         ("steps", ["key=value"]),
     ],
@@ -75,8 +75,11 @@ def test_yaml_errors_name_the_key_and_file(tmp_path):
 
 
 def test_section_validation_reports_the_override():
-    with pytest.raises(ConfigError, match="sampler.window_size=17.*num_steps=16"):
+    with pytest.raises(ConfigError, match=r"sampler \(with the command-line overrides\): window_size must be in \[1, num_steps=16\], got 17"):
         load_config(GSPOTrainConfig, None, ["sampler.window_size=17"])
+    # Checks across fields see all overrides of a section at once, in any order.
+    cfg = load_config(GSPOTrainConfig, None, ["sampler.window_size=20", "sampler.num_steps=24"])
+    assert (cfg.sampler.num_steps, cfg.sampler.window_size) == (24, 20)
 
 
 def test_resolved_config_round_trip(tmp_path):
@@ -90,8 +93,35 @@ def test_resolved_config_round_trip(tmp_path):
     assert load_config(Outer, tmp_path / "o.yaml") == nested
 
 
-def test_shipped_configs_load():
+def test_sections_from_yaml_files(tmp_path):
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "inner.yaml").write_text("mode: b\nsizes: [9]\n")
+    (tmp_path / "main.yaml").write_text("steps: 4\ninner: parts/inner.yaml\n")  # relative to main.yaml
+    assert load_config(Outer, tmp_path / "main.yaml") == Outer(steps=4, inner=Inner(mode="b", sizes=(9,)))
+    cfg = load_config(Outer, None, [f"inner={tmp_path / 'parts' / 'inner.yaml'}", "inner.rate=0.5"])
+    assert cfg.inner == Inner(rate=0.5, mode="b", sizes=(9,))
+    (tmp_path / "parts" / "bad.yaml").write_text("mood: b\n")
+    (tmp_path / "main.yaml").write_text("inner: parts/bad.yaml\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'inner.mood' in .*bad.yaml"):
+        load_config(Outer, tmp_path / "main.yaml")
+
+
+def test_a_section_file_replaces_the_section():
+    """The reward file of a preset must not inherit the embedded default's weight-free reward."""
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1] / "configs"
-    assert load_config(GSPOTrainConfig, root / "quickstart.yaml").sampler.window_shift_interval == 10
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    expected = {"id": 0.5, "text": 1.4, "aesthetic": 0.7}
+    assert load_config(GSPOTrainConfig, configs / "ippo_multi_human.yaml").reward.resolved_weights() == expected
+    from_cli = load_config(GSPOTrainConfig, None, [f"reward={configs / 'rewards' / 'multi_human.yaml'}"])
+    assert from_cli.reward.resolved_weights() == expected
+    assert load_config(GSPOTrainConfig, None, ["reward.preset=multi_object"]).reward.resolved_weights() == {"id": 1.0, "text": 1.4, "aesthetic": 0.7}
+    assert GSPOTrainConfig().reward.resolved_weights() == {"colour_target": 1.0}
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "ippo_multi_human.yaml", "ippo_multi_object.yaml"])
+def test_shipped_train_configs_load(name):
+    from pathlib import Path
+
+    cfg = load_config(GSPOTrainConfig, Path(__file__).resolve().parents[1] / "configs" / name)
+    assert cfg.sampler.num_steps == 16 and cfg.sampler.window_size == 2

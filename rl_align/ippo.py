@@ -1,0 +1,130 @@
+"""IPPO pieces that touch the policy but not Ray: conditioning a task, rolling out a chunk of a group,
+turning rollouts into the learner's input, and moving adapter weights between policy copies.
+
+Rollout workers and the learner call the same functions, so both build identical conditioning from a
+task and the learner's recomputed log-probs match the rollout's (the ratio starts at exactly 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from policies import Conditioning, FluxPolicy
+from policies.adapters import custom_adapter_state
+from rewards.types import ReferenceSubject
+from rl_align.tasks import Task
+from samplers import GroupKey, SamplerConfig, WindowTransition, mixed_rollout
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    image_size: int = 64  # generated images are image_size x image_size pixels
+    reference_size: int = 32  # each reference image is resized to reference_size x reference_size
+    group_size: int = 8  # N images per (prompt, reference set), all from the same initial noise
+    groups_per_iteration: int = 2
+    chunk_size: int = 4  # samples per rollout call (one model batch); the learner uses the same chunks
+
+    def __post_init__(self) -> None:
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (advantages compare samples of a group), got {self.group_size}")
+        if not 1 <= self.chunk_size <= self.group_size:
+            raise ValueError(f"chunk_size must be in [1, group_size={self.group_size}], got {self.chunk_size}")
+        if self.groups_per_iteration < 1:
+            raise ValueError(f"groups_per_iteration must be >= 1, got {self.groups_per_iteration}")
+
+    def chunks(self) -> list[tuple[int, ...]]:
+        """The sample ids of each rollout call within a group."""
+        ids = list(range(self.group_size))
+        return [tuple(ids[i : i + self.chunk_size]) for i in range(0, self.group_size, self.chunk_size)]
+
+
+class ChunkRollout(NamedTuple):
+    group: int
+    sample_ids: tuple[int, ...]
+    transitions: tuple[WindowTransition, ...]  # window steps, tensors on the CPU
+    images: np.ndarray  # (n, H, W, 3) uint8
+
+
+def reference_tensor(subject: ReferenceSubject, size: int) -> torch.Tensor:
+    """(1, 3, size, size) in [0, 1]: the reference image resized (bilinear, antialiased)."""
+    image = torch.tensor(subject.image).permute(2, 0, 1)[None].float() / 255.0  # copies: the array may be read-only
+    return F.interpolate(image, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def task_conditioning(policy: FluxPolicy, task: Task, cfg: RolloutConfig) -> Conditioning:
+    """Encode the task's prompt and references for a target of image_size pixels. With the
+    ``condition_id`` position scheme, each reference's caption is its item phrase and its condition id is
+    its 1-based position in the reference set."""
+    captions = [r.caption for r in task.references]
+    with_items = policy.cfg.position_scheme == "condition_id"
+    prompts = policy.encode_prompts([task.prompt], item_phrases=captions if with_items else None)
+    references = [reference_tensor(r, cfg.reference_size) for r in task.references]
+    condition_ids = list(range(1, len(references) + 1)) if with_items else None
+    return policy.condition(prompts, references, cfg.image_size, cfg.image_size, condition_ids)
+
+
+def image_seq_len(policy: FluxPolicy, cfg: RolloutConfig) -> int:
+    """Packed noisy tokens of one image (2x2 patches of the latent grid): sets FLUX's schedule shift."""
+    _, h, w = policy.latent_shape(cfg.image_size, cfg.image_size)
+    return (h // 2) * (w // 2)
+
+
+def images_to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def rollout_chunk(
+    policy: FluxPolicy,
+    task: Task,
+    key: GroupKey,
+    sample_ids: Sequence[int],
+    window: Sequence[int],
+    sampler: SamplerConfig,
+    cfg: RolloutConfig,
+) -> ChunkRollout:
+    """Mixed ODE/SDE rollout of the listed samples of one group, decoded to images."""
+    velocity = policy.velocity_fn(task_conditioning(policy, task, cfg))
+    out = mixed_rollout(
+        velocity, key, policy.latent_shape(cfg.image_size, cfg.image_size), sampler.sigmas(image_seq_len(policy, cfg)),
+        window, sampler.eta, samples=sample_ids, reduce=sampler.logprob_reduce, tail_solver=sampler.tail_solver,
+        tail_keep_fraction=sampler.tail_keep_fraction, device=policy.device,
+    )
+    transitions = tuple(t._replace(x_t=t.x_t.cpu(), x_next=t.x_next.cpu(), log_prob=t.log_prob.cpu()) for t in out.transitions)
+    return ChunkRollout(key.group, tuple(sample_ids), transitions, images_to_uint8(policy.decode_latents(out.latents)))
+
+
+class ReferenceVelocity:
+    """The reference policy of the KL term: the same model and conditioning with its adapters off."""
+
+    def __init__(self, policy: FluxPolicy, conditioning: Conditioning):
+        self.velocity = policy.velocity_fn(conditioning)
+        self.policy = policy
+
+    def __call__(self, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        with self.policy.adapters_disabled():
+            return self.velocity(x_t, sigma)
+
+
+def adapter_state(policy: FluxPolicy) -> dict[str, torch.Tensor]:
+    """Every adapter tensor by name, detached on the CPU: the trainable ones and the frozen ones (a frozen
+    MoE gate loaded from warm-start adapters must reach the rollout workers too)."""
+    frozen_adapters = {f"transformer.{name}" for name in custom_adapter_state(policy.transformer)}
+    return {name: p.detach().cpu().clone() for name, p in policy.named_parameters() if p.requires_grad or name in frozen_adapters}
+
+
+def load_adapter_state(policy: FluxPolicy, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``adapter_state`` output into a policy built from the same config."""
+    params = {name: p for name, p in policy.named_parameters() if name in state or p.requires_grad}
+    if set(params) != set(state):
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        raise ValueError(f"adapter state does not fit this policy: missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state[name].to(p.device, p.dtype))

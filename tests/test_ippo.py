@@ -1,0 +1,116 @@
+"""IPPO with the real tiny FLUX policy, in one process: on-policy log-probs, what an update changes,
+adapter transport between policy copies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from policies import FluxPolicy, MoELoRAConfig, PolicyConfig
+from rl_align.ippo import ReferenceVelocity, RolloutConfig, adapter_state, load_adapter_state, rollout_chunk, task_conditioning
+from rl_align.learner import GroupTransitions, LearnerConfig, make_optimizer, policy_update
+from rl_align.tasks import SyntheticShapeTasks, TaskConfig
+from samplers import GroupKey, SamplerConfig
+
+SAMPLER = SamplerConfig(num_steps=6, window_size=2)
+ROLLOUT = RolloutConfig(image_size=32, reference_size=16, group_size=4, chunk_size=2)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    torch.manual_seed(0)
+    return FluxPolicy.from_config(PolicyConfig())
+
+
+@pytest.fixture(scope="module")
+def task():
+    return SyntheticShapeTasks(TaskConfig(min_subjects=2, max_subjects=2, reference_size=16), seed=0).task(0, 0)
+
+
+def test_rollout_gives_images_and_window_transitions(policy, task):
+    out = rollout_chunk(policy, task, GroupKey(0, 0, 0), (0, 1), [1, 2], SAMPLER, ROLLOUT)
+    assert out.images.shape == (2, 32, 32, 3) and out.images.dtype == np.uint8
+    assert [t.step for t in out.transitions] == [1, 2] and out.transitions[0].x_t.shape[0] == 2
+    assert not np.array_equal(out.images[0], out.images[1])  # the SDE window makes group members differ
+
+
+def test_learner_log_probs_equal_the_rollout_before_the_first_update(policy, task):
+    chunk = rollout_chunk(policy, task, GroupKey(0, 0, 0), (0, 1), [0, 1], SAMPLER, ROLLOUT)
+    velocity = policy.velocity_fn(task_conditioning(policy, task, ROLLOUT))
+    optimizer = make_optimizer(policy.trainable_parameters(), LearnerConfig())
+    stats = policy_update([GroupTransitions(0, chunk.transitions, torch.tensor([1.0, -1.0]))], lambda g: velocity, optimizer, LearnerConfig(), SAMPLER.eta)
+    assert stats.ratio_mean == pytest.approx(1.0, abs=1e-6)
+    assert stats.clip_fraction == 0.0
+
+
+def test_update_changes_only_adapters_and_transports(task):
+    torch.manual_seed(0)
+    learner_policy, worker_policy = FluxPolicy.from_config(PolicyConfig()), FluxPolicy.from_config(PolicyConfig())
+    frozen_before = {n: p.detach().clone() for n, p in learner_policy.named_parameters() if not p.requires_grad}
+    adapters_before = adapter_state(learner_policy)
+    chunk = rollout_chunk(worker_policy, task, GroupKey(0, 0, 0), (0, 1, 2, 3), [0, 1], SAMPLER, ROLLOUT)
+    velocity = learner_policy.velocity_fn(task_conditioning(learner_policy, task, ROLLOUT))
+    cfg = LearnerConfig(learning_rate=1e-2)
+    stats = policy_update([GroupTransitions(0, chunk.transitions, torch.tensor([1.5, -0.5, 0.5, -1.5]))], lambda g: velocity, make_optimizer(learner_policy.trainable_parameters(), cfg), cfg, SAMPLER.eta)
+    assert not stats.skipped
+    for name, p in learner_policy.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen_before[name]), name
+    after = adapter_state(learner_policy)
+    assert any(not torch.equal(after[k], adapters_before[k]) for k in after)
+
+    load_adapter_state(worker_policy, after)  # what rollout workers receive after each update
+    conditioning = task_conditioning(worker_policy, task, ROLLOUT)
+    x = torch.randn(2, *worker_policy.latent_shape(32, 32), generator=torch.Generator().manual_seed(1))
+    sigma = torch.full((2,), 0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(worker_policy.velocity_fn(conditioning)(x, sigma), velocity(x, sigma), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="does not fit"):
+        load_adapter_state(worker_policy, {"nope": torch.zeros(1)})
+
+
+def test_kl_to_the_adapters_off_reference(task):
+    """Fresh LoRA and MoE-LoRA adapters are the identity (B = 0): the policy equals its adapters-off
+    reference, so the first KL is 0; after updates it is not."""
+    torch.manual_seed(0)
+    policy = FluxPolicy.from_config(PolicyConfig())
+    chunk = rollout_chunk(policy, task, GroupKey(0, 0, 0), (0, 1, 2, 3), [0, 1], SAMPLER, ROLLOUT)
+    conditioning = task_conditioning(policy, task, ROLLOUT)
+    x = torch.randn(2, *policy.latent_shape(32, 32), generator=torch.Generator().manual_seed(2))
+    sigma = torch.full((2,), 0.7)
+    with torch.no_grad():
+        with_adapters = policy.velocity_fn(conditioning)(x, sigma)
+        without = ReferenceVelocity(policy, conditioning)(x, sigma)
+        again = policy.velocity_fn(conditioning)(x, sigma)
+    assert torch.equal(with_adapters, again)  # the context restores the adapters
+    assert torch.equal(with_adapters, without)
+    items = [GroupTransitions(0, chunk.transitions, torch.tensor([1.5, -0.5, 0.5, -1.5]))]
+    cfg = LearnerConfig(learning_rate=3e-2, kl_beta=1.0)
+    optimizer = make_optimizer(policy.trainable_parameters(), cfg)
+    kls = [
+        policy_update(items, lambda g: policy.velocity_fn(conditioning), optimizer, cfg, SAMPLER.eta, reference_of=lambda g: ReferenceVelocity(policy, conditioning)).kl
+        for _ in range(3)
+    ]
+    assert kls[0] == 0.0 and kls[-1] > 0.0  # the adapters moved away from the reference
+
+
+def test_frozen_gates_travel_with_the_adapters():
+    """With freeze_gate the MoE gate is not trained, but warm-start adapters may bring other gate weights
+    than a fresh policy's: the transported state must carry them."""
+    cfg = PolicyConfig(moe_lora=MoELoRAConfig(freeze_gate=True))
+    learner, worker = FluxPolicy.from_config(cfg), FluxPolicy.from_config(cfg)
+    with torch.no_grad():
+        for name, p in learner.named_parameters():
+            if "gate" in name or "lora_B" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    state = adapter_state(learner)
+    assert any("gate" in name for name in state)
+    load_adapter_state(worker, state)
+    x = torch.randn(1, *worker.latent_shape(32, 32), generator=torch.Generator().manual_seed(3))
+    sigma = torch.tensor([0.6])
+    tasks = SyntheticShapeTasks(TaskConfig(reference_size=16), seed=0).task(0, 0)
+    with torch.no_grad():
+        expected = learner.velocity_fn(task_conditioning(learner, tasks, ROLLOUT))(x, sigma)
+        got = worker.velocity_fn(task_conditioning(worker, tasks, ROLLOUT))(x, sigma)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

@@ -1,0 +1,93 @@
+"""scripts/train_gspo.py end to end on a local Ray cluster: the run folder, then --resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from rl_align.checkpoints import list_checkpoints
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "sampler.num_steps=6", "sampler.window_shift_interval=2", "rollout.image_size=32", "rollout.reference_size=16",
+    "rollout.group_size=4", "rollout.chunk_size=2", "tasks.reference_size=16", "learner.learning_rate=1e-3",
+    "workers.rollout_workers=2", "workers.learners=2", "workers.cpus_per_worker=0.25",
+    "output.sample_every=2", "output.checkpoint_every=2", "output.plot_every=1",
+]
+
+
+def _command(*args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "scripts" / "train_gspo.py"), *args]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(_command(*args), capture_output=True, text=True, timeout=900)
+
+
+def _adapters(run: Path) -> dict[str, torch.Tensor]:
+    return {**load_file(run / "adapters" / "pytorch_lora_weights.safetensors"), **load_file(run / "adapters" / "policy_adapters.safetensors")}
+
+
+def test_run_folder_and_resume(tmp_path):
+    first = _run("--config", str(ROOT / "configs" / "quickstart.yaml"), "iterations=3", f"run.output_root={tmp_path}", "run.name=r", *TINY)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = tmp_path / "r"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["workers"]["learners"] == 2 and config["iterations"] == 3
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [0, 1, 2]
+    assert abs(records[0]["ratio_mean"] - 1.0) < 1e-6  # on-policy before the first update
+    for key in ("reward/mean", "reward/std", "reward/colour_target/mean", "loss", "clip_fraction", "grad_norm", "window_start",
+                "time/rollout", "time/reward", "time/update"):
+        assert key in records[0], key
+    assert [r["window_start"] for r in records] == [0, 0, 1]
+    assert (run / "reward_curve.png").is_file() and list((run / "tensorboard").iterdir())
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["iteration-00000000.png", "iteration-00000002.png"]
+    assert [p.name for p in list_checkpoints(run)] == ["iteration-00000002.pt", "iteration-00000003.pt"]
+    assert (run / "adapters" / "adapter_config.json").is_file()
+
+    resumed = _run("--resume", str(run), "iterations=5")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed after iteration 3 (window [1, 2])" in (run / "log.txt").read_text()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [0, 1, 2, 3, 4]
+    assert [r["window_start"] for r in records[3:]] == [1, 2]
+
+    # The same 5 iterations in one go, with a rollout worker killed mid-run: the run goes on (Ray restarts
+    # the worker and retries its call) and ends with exactly the adapters of the interrupted run.
+    log_path = tmp_path / "straight.log"
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen(
+            _command("--config", str(ROOT / "configs" / "quickstart.yaml"), "iterations=5", f"run.output_root={tmp_path}", "run.name=s", *TINY),
+            stdout=log_file, stderr=subprocess.STDOUT,
+        )
+        metrics = tmp_path / "s" / "metrics.jsonl"
+        deadline = time.time() + 600
+        while (not metrics.exists() or not metrics.read_text().strip()) and process.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        workers = [p for p in psutil.process_iter(["cmdline"]) if "ray::RolloutWorker" in " ".join(p.info["cmdline"] or [])]
+        assert workers, "no rollout worker process found"
+        workers[0].kill()
+        assert process.wait(timeout=900) == 0, log_path.read_text()[-3000:]
+    straight = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["iteration"] for r in straight] == [0, 1, 2, 3, 4]
+    expected, resumed_adapters = _adapters(tmp_path / "s"), _adapters(run)
+    assert expected.keys() == resumed_adapters.keys()
+    for name in expected:
+        assert torch.equal(expected[name], resumed_adapters[name]), name
+
+
+def test_bad_config_fails_before_starting_ray(tmp_path):
+    result = _run(f"run.output_root={tmp_path}", "sampler.etta=1")
+    assert result.returncode == 2 and "unknown config key 'sampler.etta'" in result.stderr
+    assert not list(tmp_path.iterdir())  # no run folder for a run that never started
