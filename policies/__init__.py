@@ -22,7 +22,8 @@ from policies.config import (
     PolicyConfig,
     TinyFluxConfig,
 )
-from policies.losses import dice_loss
+from policies.ids import mask_tokens
+from policies.losses import dice_loss, routing_loss
 from policies.policy import (
     AttentionSwitches,
     Conditioning,
@@ -51,6 +52,8 @@ __all__ = [
     "dice_loss",
     "load_balancing_loss",
     "load_local_components",
+    "mask_tokens",
     "moe_gate_weights",
+    "routing_loss",
     "save_components",
 ]

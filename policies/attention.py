@@ -60,16 +60,33 @@ def _segment_index(layout: TokenLayout) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
 
 
+def prompt_similarity(noisy_query: torch.Tensor, text_key: torch.Tensor) -> torch.Tensor:
+    """MUSAR Eq. 2: S = softmax(Q_X K_T^T / sqrt(d)) over the prompt tokens, averaged over heads.
+    noisy_query (B, H, N, d), text_key (B, H, T, d) -> S (B, N, T) in fp32."""
+    scale = noisy_query.shape[-1] ** -0.5
+    scores = torch.einsum("bhnd,bhtd->bhnt", noisy_query.float(), text_key.float()) * scale
+    return scores.softmax(dim=-1).mean(dim=1)
+
+
 def condition_affinity(
     noisy_query: torch.Tensor, text_key: torch.Tensor, prompt_spans: tuple[tuple[int, int], ...]
 ) -> torch.Tensor:
-    """MUSAR Eq. 2-3: S = softmax(Q_X K_T^T / sqrt(d)) over the prompt tokens, averaged over heads, then
-    S*_{x,k} = mean of S over the prompt span [p_k, p_k + l_k) of condition k.
-    noisy_query (B, H, N, d), text_key (B, H, T, d) -> S* (B, N, R) in fp32."""
-    scale = noisy_query.shape[-1] ** -0.5
-    scores = torch.einsum("bhnd,bhtd->bhnt", noisy_query.float(), text_key.float()) * scale
-    similarity = scores.softmax(dim=-1).mean(dim=1)  # (B, N, T)
+    """MUSAR Eq. 3: S*_{x,k} = mean of S (prompt_similarity) over the prompt span [p_k, p_k + l_k) of
+    condition k. noisy_query (B, H, N, d), text_key (B, H, T, d) -> S* (B, N, R) in fp32."""
+    similarity = prompt_similarity(noisy_query, text_key)  # (B, N, T)
     return torch.stack([similarity[..., start:end].mean(dim=-1) for start, end in prompt_spans], dim=-1)
+
+
+def prompt_routing_maps(
+    noisy_query: torch.Tensor, text_key: torch.Tensor, prompt_spans: tuple[tuple[int, int], ...]
+) -> torch.Tensor:
+    """Soft routing maps from the prompt router that dynamic routing uses: M_k(x) = sum of S(x, t) over
+    the tokens t of subject k's phrase, the share of noisy token x's prompt attention that goes to that
+    phrase. Each M_k is in [0, 1] and sum_k M_k <= 1 (the rest, on the other prompt tokens, plays
+    AnyStory's background route). These are the maps AnyStory's routing loss supervises (Eq. 4).
+    noisy_query (B, H, N, d), text_key (B, H, T, d) -> (B, R, N) in fp32, differentiable."""
+    similarity = prompt_similarity(noisy_query, text_key)  # (B, N, T)
+    return torch.stack([similarity[..., start:end].sum(dim=-1) for start, end in prompt_spans], dim=1)
 
 
 def dynamic_routing_mask(assignment: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
@@ -211,15 +228,17 @@ class AttentionControl:
     static_routing: bool = False
     dynamic_routing: bool = False
     temperature: bool = False
+    capture_routing: bool = False
     prompt_spans: tuple[tuple[int, int], ...] | None = None
     captured: list[torch.Tensor] = field(default_factory=list)
+    routing_maps: list[torch.Tensor] = field(default_factory=list)  # (B, R, N) per double block when capture_routing
     routing_assignments: list[torch.Tensor] = field(default_factory=list)  # (B, N) per block, observable
     _static_mask: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.dynamic_routing and (self.prompt_spans is None or len(self.prompt_spans) != len(self.layout.references)):
+        if (self.dynamic_routing or self.capture_routing) and (self.prompt_spans is None or len(self.prompt_spans) != len(self.layout.references)):
             raise ValueError(
-                "dynamic_routing needs prompt_spans: one [start, end) prompt-token span per reference "
+                "dynamic routing and routing-map capture need prompt_spans: one [start, end) prompt-token span per reference "
                 f"({len(self.layout.references)}), got {self.prompt_spans!r}"
             )
 
@@ -281,6 +300,11 @@ class PolicyAttnProcessor(torch.nn.Module):
             if control.capture and self.double_block:
                 # the maps use the queries the block attends with (after any temperature, post-RoPE)
                 control.captured.append(self._capture(control, query, key))
+            if control.capture_routing and self.double_block:
+                layout = control.layout
+                noisy_query = query[:, layout.text : layout.text + layout.noisy].transpose(1, 2)
+                text_key = key[:, : layout.text].transpose(1, 2)
+                control.routing_maps.append(prompt_routing_maps(noisy_query, text_key, control.prompt_spans))
 
         hidden_states = dispatch_attention_fn(
             query, key, value, attn_mask=attention_mask, backend=self._attention_backend, parallel_config=self._parallel_config

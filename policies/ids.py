@@ -98,3 +98,15 @@ def text_ids(
             raise ValueError(f"item span [{start}, {end}) is outside the {num_text_tokens} prompt tokens")
         ids[start:end] = ref.mean(dim=0)
     return ids
+
+
+def mask_tokens(masks: torch.Tensor, grid: GridSize) -> torch.Tensor:
+    """Subject masks pooled to a packed token grid, row-major like pack_latents: each token's value is
+    the fraction of its pixel patch inside the mask (area pooling, so a border token is partly in).
+    masks (B, R, H, W) in [0, 1] with H, W multiples of the grid -> (B, R, rows * cols) fp32."""
+    b, r, h, w = masks.shape
+    rows, cols = grid
+    if h % rows or w % cols:
+        raise ValueError(f"mask size {h}x{w} is not a multiple of the token grid {rows}x{cols}")
+    pooled = torch.nn.functional.avg_pool2d(masks.float().reshape(b * r, 1, h, w), kernel_size=(h // rows, w // cols))
+    return pooled.reshape(b, r, rows * cols)

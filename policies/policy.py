@@ -69,12 +69,14 @@ class AttentionSwitches:
     static_routing: bool = False
     dynamic_routing: bool = False
     temperature: bool = False
+    capture_routing: bool = False  # prompt routing maps of every double block (needs item phrases)
 
 
 class PolicyOutput(NamedTuple):
     velocity: torch.Tensor  # (B, C, h, w) fp32, v = eps - x0 on the noisy latents only
     attention_maps: torch.Tensor | None  # (B, R, N) in [0, 1], mean over double blocks, normalized
     router: tuple[RouterRecord, ...]  # one per MoE-LoRA layer, in call order
+    routing_maps: torch.Tensor | None = None  # (B, K, R, N) in [0, 1], one map per double block k (prompt_routing_maps)
 
 
 class PolicyVelocity:
@@ -168,18 +170,21 @@ class FluxPolicy(torch.nn.Module):
         prompts = list(prompts)
         clip = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt")
         pooled = self.text_encoder(clip.input_ids.to(self.device)).pooler_output
-        t5 = self.tokenizer_2(
-            prompts, padding="max_length", max_length=self.t5_max_length, truncation=True,
-            return_tensors="pt", return_offsets_mapping=item_phrases is not None,
-        )
+        t5 = self.tokenizer_2(prompts, padding="max_length", max_length=self.t5_max_length, truncation=True, return_tensors="pt")
         embeds = self.text_encoder_2(t5.input_ids.to(self.device)).last_hidden_state
         spans = None
         if item_phrases is not None:
-            per_prompt = [_phrase_token_spans(p, item_phrases, offsets.tolist()) for p, offsets in zip(prompts, t5.offset_mapping)]
+            per_prompt = [self.item_spans(p, item_phrases) for p in prompts]
             if any(s != per_prompt[0] for s in per_prompt):
                 raise ValueError(f"item phrases fall on different prompt tokens across the batch: {per_prompt}")
             spans = per_prompt[0]
         return PromptEmbeds(embeds.float(), pooled.float(), spans)
+
+    def item_spans(self, prompt: str, item_phrases: Sequence[str]) -> tuple[tuple[int, int], ...]:
+        """The [start, end) T5-token span of each phrase's first occurrence in the prompt (samples whose
+        spans are equal can share one conditioning)."""
+        t5 = self.tokenizer_2([prompt], max_length=self.t5_max_length, truncation=True, return_offsets_mapping=True)
+        return _phrase_token_spans(prompt, item_phrases, [list(o) for o in t5["offset_mapping"][0]])
 
     def condition(
         self,
@@ -238,6 +243,7 @@ class FluxPolicy(torch.nn.Module):
             static_routing=switches.static_routing,
             dynamic_routing=switches.dynamic_routing,
             temperature=switches.temperature,
+            capture_routing=switches.capture_routing,
             prompt_spans=conditioning.item_spans,
         )
         guidance = None
@@ -256,7 +262,8 @@ class FluxPolicy(torch.nn.Module):
             ).sample
         velocity = unpack_latents(out[:, : layout.noisy].float(), conditioning.noisy_grid)
         maps = normalize_maps(torch.stack(control.captured).mean(dim=0)) if switches.capture and control.captured else None
-        return PolicyOutput(velocity, maps, tuple(router))
+        routing = torch.stack(control.routing_maps, dim=1) if control.routing_maps else None
+        return PolicyOutput(velocity, maps, tuple(router), routing)
 
     @contextlib.contextmanager
     def adapters_disabled(self) -> Iterator[None]:
@@ -275,7 +282,11 @@ class FluxPolicy(torch.nn.Module):
             for module in custom:
                 module.adapter_enabled = True
 
-    def velocity_fn(self, conditioning: Conditioning, switches: AttentionSwitches = AttentionSwitches()) -> PolicyVelocity:
+    def velocity_fn(self, conditioning: Conditioning, switches: AttentionSwitches | None = None) -> PolicyVelocity:
+        """The velocity with ``switches``; by default the features the policy was trained with that also
+        act at inference (the attention temperature, when the policy has it)."""
+        if switches is None:
+            switches = AttentionSwitches(temperature=self.cfg.attention.temperature)
         return PolicyVelocity(self, conditioning, switches)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

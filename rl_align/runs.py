@@ -3,6 +3,7 @@ checkpoints) under one folder."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import time
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rl_align.config import save_config
+from rl_align.config import load_config, save_config
 
 
 @dataclass(frozen=True)
@@ -39,3 +40,20 @@ def setup_logging(run_dir: Path | None = None, level: int = logging.INFO) -> Non
     if run_dir is not None:
         handlers.append(logging.FileHandler(run_dir / "log.txt"))
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
+
+
+def run_parser(description: str, config_class: type, example_overrides: str) -> argparse.ArgumentParser:
+    """The command line every training entry point shares: --config, --resume RUN_DIR, key=value overrides."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help=f"YAML file overriding the defaults of {config_class.__name__}")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"overrides, nested keys with dots ({example_overrides})")
+    return parser
+
+
+def load_run_config(config_class: type, args: argparse.Namespace) -> Any:
+    """A new run: the defaults, then --config, then the overrides. With --resume: the run's own
+    config.yaml (or --config), then the overrides. Raises ConfigError."""
+    if args.resume:
+        return load_config(config_class, args.config or Path(args.resume) / "config.yaml", args.overrides)
+    return load_config(config_class, args.config, args.overrides)

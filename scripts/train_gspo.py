@@ -12,7 +12,6 @@ policy on the window steps, and push the new adapter weights to the rollout work
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -27,8 +26,8 @@ from tqdm import tqdm
 from rl_align.actors import Learner, RewardWorker, RolloutWorker, actor_options
 from rl_align.advantages import group_advantages, weighted_component_advantages
 from rl_align.checkpoints import load_checkpoint, save_checkpoint
-from rl_align.config import ConfigError, load_config, save_config
-from rl_align.runs import create_run_dir, setup_logging
+from rl_align.config import ConfigError, save_config
+from rl_align.runs import create_run_dir, load_run_config, run_parser, setup_logging
 from rl_align.tasks import build_task_source
 from rl_align.tracking import MetricsLog, plot_curves, read_metrics, save_image_grid
 from rl_align.train_config import GSPOTrainConfig
@@ -38,21 +37,14 @@ log = logging.getLogger("train_gspo")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file overriding the defaults of GSPOTrainConfig")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, nested keys with dots (sampler.eta=0.9)")
-    args = parser.parse_args(argv)
+    args = run_parser(__doc__, GSPOTrainConfig, "sampler.eta=0.9").parse_args(argv)
     try:
-        if args.resume:
-            run_dir = Path(args.resume)
-            cfg = load_config(GSPOTrainConfig, args.config or run_dir / "config.yaml", args.overrides)
-        else:
-            cfg = load_config(GSPOTrainConfig, args.config, args.overrides)
+        cfg = load_run_config(GSPOTrainConfig, args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     if args.resume:
+        run_dir = Path(args.resume)
         save_config(cfg, run_dir / "config.yaml")
     else:
         run_dir = create_run_dir(cfg.run, cfg, prefix="gspo")

@@ -8,13 +8,14 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-from policies import AttentionSwitches, TokenLayout, dice_loss
+from policies import AttentionSwitches, TokenLayout, dice_loss, mask_tokens, routing_loss
 from policies.attention import (
     AttentionControl,
     TemperatureMLP,
     condition_affinity,
     dynamic_routing_mask,
     normalize_maps,
+    prompt_routing_maps,
     reference_attention_map,
     static_routing_mask,
 )
@@ -210,6 +211,50 @@ def test_captured_maps_equal_full_softmax_and_train_double_block_lora():
 def test_routing_needs_prompt_spans():
     with pytest.raises(ValueError, match="prompt_spans"):
         AttentionControl(LAYOUT, dynamic_routing=True)
+    with pytest.raises(ValueError, match="prompt_spans"):
+        AttentionControl(LAYOUT, capture_routing=True)
+
+
+def test_prompt_routing_maps_are_the_phrase_share_of_prompt_attention():
+    generator = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 3, 5, 8, generator=generator), torch.randn(2, 3, 6, 8, generator=generator)
+    spans = ((0, 2), (3, 6))
+    maps = prompt_routing_maps(q, k, spans)
+    assert maps.shape == (2, 2, 5)
+    for b in range(2):
+        for x in range(5):
+            s = torch.stack([torch.softmax(q[b, h, x] @ k[b, h].T / 8**0.5, dim=0) for h in range(3)]).mean(0)
+            torch.testing.assert_close(maps[b, :, x], torch.stack([s[0:2].sum(), s[3:6].sum()]))
+    assert float(maps.sum(dim=1).max()) <= 1 + 1e-6  # token 2 is the background route
+
+
+def test_routing_loss_and_mask_tokens_follow_their_definitions():
+    generator = torch.Generator().manual_seed(2)
+    maps, target = torch.rand(2, 3, 2, 4, generator=generator), (torch.rand(2, 2, 4, generator=generator) > 0.5).float()
+    expected = sum(((maps[b, k, i] - target[b, i]) ** 2).mean() for b in range(2) for k in range(3) for i in range(2)) / 12
+    torch.testing.assert_close(routing_loss(maps, target), expected)
+    with pytest.raises(ValueError):
+        routing_loss(maps[:, 0], target)
+    masks = torch.zeros(1, 1, 4, 6)
+    masks[0, 0, :2, :3] = 1  # the whole top-left token of a 2x2 grid
+    masks[0, 0, 2, 3] = 1  # one of the 6 pixels of the bottom-right token
+    torch.testing.assert_close(mask_tokens(masks, (2, 2)), torch.tensor([[[1.0, 0.0, 0.0, 1 / 6]]]))
+
+
+def test_policy_routing_maps_per_double_block_train_the_adapters():
+    policy = tiny_policy()
+    randomize_adapters(policy)
+    cond, x, sigma = conditioning(policy), latents(policy, 2), torch.tensor([0.3, 0.8])
+    out = policy(x, sigma, cond, AttentionSwitches(capture_routing=True))
+    blocks = len(policy.transformer.transformer_blocks)
+    assert out.routing_maps.shape == (2, blocks, 2, cond.layout.noisy)
+    assert float(out.routing_maps.min()) >= 0 and float(out.routing_maps.sum(dim=2).max()) <= 1 + 1e-6
+    assert policy(x, sigma, cond).routing_maps is None
+    target = torch.zeros(2, 2, cond.layout.noisy)
+    target[:, 0, : cond.layout.noisy // 2] = 1
+    routing_loss(out.routing_maps, target).backward()
+    grads = [n for n, p in policy.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert any(n.startswith("transformer.transformer_blocks.") and "lora" in n for n in grads)
 
 
 def test_chunked_reference_map_gradient_equals_autograd_of_naive_softmax():
@@ -251,3 +296,21 @@ def test_gradient_checkpointing_gives_the_same_maps_gradients_and_routing():
     assert checkpointed_grads.keys() == plain_grads.keys()
     for name, grad in plain_grads.items():
         torch.testing.assert_close(checkpointed_grads[name], grad, rtol=1e-6, atol=1e-7)
+
+
+def test_velocity_fn_applies_the_temperature_the_policy_was_trained_with():
+    from policies import AttentionConfig
+
+    policy = tiny_policy(position_scheme="condition_id", attention=AttentionConfig(temperature=True))
+    with torch.no_grad():  # move the temperature away from its initial 1
+        for name, parameter in policy.named_parameters():
+            if "temperature" in name:
+                parameter.add_(0.5 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(3)))
+    cond = conditioning(policy, condition_ids=[1, 2])
+    x, sigma = latents(policy, 2), torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        default = policy.velocity_fn(cond)(x, sigma)
+        with_temperature = policy(x, sigma, cond, AttentionSwitches(temperature=True)).velocity
+        without = policy(x, sigma, cond, AttentionSwitches()).velocity
+    torch.testing.assert_close(default, with_temperature)
+    assert (default - without).abs().max() > 1e-4

@@ -1,0 +1,295 @@
+"""The supervised warm-start stages: the pure schedules, batching, and each stage's objective on the tiny
+policy with the synthetic data."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from policies import FluxPolicy
+from rl_align.sft import (
+    StageObjective,
+    diptych_source,
+    flow_matching_pair,
+    learning_rate_at,
+    make_optimizer,
+    sample_timesteps,
+    stage_policy,
+    train_step,
+)
+from rl_align.sft_builders import build_synthetic_manifest
+from rl_align.sft_config import STAGES, DiptychConfig, OptimConfig, SFTConfig, TimestepConfig
+from rl_align.sft_data import BatchStream, SFTDataConfig, bucket_size, subject_count_limit
+from rl_align.sft_manifest import SampleRecord, load_manifest, write_manifest
+from samplers import euler_step
+from samplers.schedule import static_time_shift
+
+
+# ---- pure parts -------------------------------------------------------------------------------------------
+
+
+def test_flow_matching_target_is_the_samplers_velocity():
+    """v = eps - x0: an Euler step of the samplers with the target velocity from x_t reaches x0 at t=0 and
+    the noise at t=1, for every sample's own t."""
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 6, 6, generator=gen), torch.randn(3, 4, 6, 6, generator=gen)
+    t = torch.tensor([0.1, 0.5, 0.93])
+    x_t, v = flow_matching_pair(x0, noise, t)
+    assert torch.allclose(v, noise - x0)
+    for i in range(3):
+        assert torch.allclose(x_t[i], (1 - t[i]) * x0[i] + t[i] * noise[i])
+        assert torch.allclose(euler_step(x_t[i], v[i], float(t[i]), 0.0), x0[i], atol=1e-6)
+        assert torch.allclose(euler_step(x_t[i], v[i], float(t[i]), 1.0), noise[i], atol=1e-6)
+
+
+def test_timestep_sampling_follows_its_distribution():
+    gen = torch.Generator().manual_seed(0)
+    t = sample_timesteps(20000, gen, TimestepConfig(sampling="logit_normal", logit_mean=0.5, logit_std=0.8))
+    logits = torch.log(t / (1 - t))
+    assert abs(float(logits.mean()) - 0.5) < 0.03 and abs(float(logits.std()) - 0.8) < 0.03
+    uniform = sample_timesteps(20000, gen, TimestepConfig(sampling="uniform"))
+    assert 0 < float(uniform.min()) and float(uniform.max()) < 1 and abs(float(uniform.mean()) - 0.5) < 0.01
+    # the shift is the samplers' static shift applied to the same draws
+    base = sample_timesteps(100, torch.Generator().manual_seed(1), TimestepConfig(sampling="uniform"))
+    shifted = sample_timesteps(100, torch.Generator().manual_seed(1), TimestepConfig(sampling="uniform", shift=3.0))
+    assert torch.allclose(shifted, static_time_shift(base, 3.0).clamp(1e-5, 1 - 1e-5), atol=1e-6)
+
+
+def test_two_stage_learning_rate_and_warmup():
+    cfg = OptimConfig(learning_rate=1e-4, second_learning_rate=5e-5, first_stage_fraction=0.7)
+    rates = [learning_rate_at(s, 10, cfg) for s in range(10)]
+    assert rates == [1e-4] * 7 + [5e-5] * 3  # MS-CustomNet: 7 epochs at 1e-4, then 3 at 5e-5
+    assert [learning_rate_at(s, 10, OptimConfig(learning_rate=1e-4)) for s in (0, 9)] == [1e-4, 1e-4]
+    warm = OptimConfig(learning_rate=1e-3, warmup_steps=3)
+    assert [learning_rate_at(s, 10, warm) for s in range(5)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+
+
+def test_subject_count_curriculum_matches_eq_15():
+    # K_min 2, K_max 5, E 10, gamma 1 (the paper's setting), by hand: floor(3 e / 10)
+    assert [subject_count_limit(e, 10, 2, 5, 1.0) for e in range(11)] == [2, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5]
+    for gamma in (0.5, 1.0, 2.0):
+        for e in range(21):
+            expected = max(2, 2 + math.floor((e / 20) ** gamma * 3))
+            assert subject_count_limit(e, 20, 2, 5, gamma) == expected
+    assert subject_count_limit(5, 10, 2, 5, 2.0) == 2  # a slow start for gamma > 1 (0.25 * 3 -> 0)
+    assert subject_count_limit(5, 10, 2, 5, 0.5) == 4  # a fast start for gamma < 1 (0.707 * 3 -> 2)
+    with pytest.raises(ValueError):
+        subject_count_limit(0, 10, 3, 2, 1.0)
+
+
+def test_diptych_curriculum_phases():
+    cfg = DiptychConfig(single_steps=100, mixed_steps=1000, mixed_single_fraction=0.2)
+    assert {diptych_source(s, cfg, 0) for s in range(100)} == {"single"}
+    mixed = [diptych_source(s, cfg, 0) for s in range(100, 1100)]
+    assert set(mixed) == {"single", "random"}
+    assert abs(mixed.count("single") / len(mixed) - 0.2) < 0.04
+    assert {diptych_source(s, cfg, 0) for s in range(1100, 1200)} == {"same_category"}
+    assert mixed == [diptych_source(s, cfg, 0) for s in range(100, 1100)]  # seeded: a resumed run agrees
+
+
+def test_stage_policies():
+    base = SFTConfig().policy
+    diptych = stage_policy(base, "diptych")
+    assert not diptych.lora.enabled and diptych.dual_branch.enabled and diptych.moe_lora == base.moe_lora
+    position = stage_policy(base, "position_id")
+    assert position.position_scheme == "condition_id" and position.attention.temperature
+    for stage in ("single", "idar", "routing"):
+        assert stage_policy(base, stage) == base
+
+
+def test_bucket_size_keeps_aspect_and_multiple():
+    assert bucket_size(640, 480, 512, 16) == (512, 688)  # (H, W): shorter side 512, 682.7 -> 688
+    assert bucket_size(128, 64, 64, 16) == (64, 128)  # a diptych stays 1:2
+    assert bucket_size(10, 10, 64, 16) == (64, 64)
+
+
+# ---- data -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """48 coloured-shape samples with 1-3 subjects, 32 px targets and 16 px references."""
+    folder = tmp_path_factory.mktemp("synthetic")
+    path = build_synthetic_manifest(folder, samples=48, min_subjects=1, max_subjects=3, image_size=32, reference_size=16, seed=3)
+    return path, load_manifest(path, ("circle", "square", "triangle", "diamond"))
+
+
+DATA = SFTDataConfig(target_size=32, reference_size=16, size_multiple=16, batch_size=4)
+
+
+def test_batches_share_subject_count_and_size_and_cover_each_epoch(synthetic, tmp_path):
+    path, samples = synthetic
+    # add wide (diptych-shaped) samples: they must land in their own buckets
+    wide = []
+    from PIL import Image
+
+    for i, sample in enumerate(samples[:6]):
+        target = np.asarray(Image.open(path.parent / sample.target))
+        Image.fromarray(np.concatenate([target, target], axis=1)).save(tmp_path / f"wide{i}.png")
+        masks = []
+        for j, s in enumerate(sample.subjects):
+            mask = np.asarray(Image.open(path.parent / s.mask))
+            Image.fromarray(np.concatenate([mask, np.zeros_like(mask)], axis=1)).save(tmp_path / f"wide{i}-{j}.png")
+            masks.append(dataclasses.replace(s, reference=str(path.parent / s.reference), mask=f"wide{i}-{j}.png",
+                                             reference_mask=str(path.parent / s.reference_mask)))
+        wide.append(SampleRecord(f"wide{i}.png", sample.prompt, tuple(masks)))
+    relocated = [
+        SampleRecord(str(path.parent / s.target), s.prompt, tuple(
+            dataclasses.replace(x, reference=str(path.parent / x.reference), mask=str(path.parent / x.mask),
+                                reference_mask=str(path.parent / x.reference_mask)) for x in s.subjects))
+        for s in samples
+    ]
+    manifest = write_manifest(relocated + wide, tmp_path / "mixed.jsonl")
+    records = load_manifest(manifest)
+    stream = BatchStream(records, tmp_path, DATA, seed=0)
+    for epoch in range(2):
+        plan = stream.plan(epoch)
+        seen = sorted(p.sample for batch in plan for p in batch)
+        assert seen == list(range(len(records)))  # every sample once per epoch, none dropped
+        for planned in plan:
+            keys = {(len(records[p.sample].subjects), stream.sizes[p.sample]) for p in planned}
+            assert len(keys) == 1 and 1 <= len(planned) <= DATA.batch_size
+    assert stream.plan(0) != stream.plan(1)  # reshuffled each epoch
+    shapes = set()
+    for planned in stream.plan(0):
+        batch = stream.load(planned)
+        b, r = len(batch.prompts), len(batch.references)
+        assert batch.masks.shape[:2] == (b, r) and batch.masks.shape[2:] == batch.targets.shape[2:]
+        assert all(ref.shape == (b, 3, 16, 16) for ref in batch.references)
+        assert set(batch.masks.unique().tolist()) <= {0.0, 1.0}
+        shapes.add(tuple(batch.targets.shape[2:]))
+    assert shapes == {(32, 32), (32, 64)}
+
+
+def test_stream_resumes_at_the_same_batch(synthetic):
+    path, samples = synthetic
+    stream = BatchStream(samples, path.parent, DATA, seed=1)
+    for _ in range(15):  # past the end of the first epoch (12 samples per batch count bucket at most)
+        stream.next()
+    state = stream.state()
+    expected = stream.next()
+    other = BatchStream(samples, path.parent, DATA, seed=1)
+    other.load_state(state)
+    again = other.next()
+    assert again.lines == expected.lines and torch.equal(again.targets, expected.targets)
+
+
+def test_curriculum_keeps_a_subset_of_at_most_k_subjects_in_order(synthetic):
+    path, samples = synthetic
+    stream = BatchStream(samples, path.parent, DATA, seed=0, subject_limit=lambda epoch: 1 + epoch)
+    for epoch, limit in ((0, 1), (1, 2), (2, 3)):
+        plan = stream.plan(epoch)
+        for planned in (p for batch in plan for p in batch):
+            count = len(samples[planned.sample].subjects)
+            assert len(planned.subjects) == min(count, limit)
+            assert list(planned.subjects) == sorted(set(planned.subjects))
+    batch = stream.load(stream.plan(0)[0])
+    assert len(batch.references) == 1
+    first = stream.plan(0)[0][0]
+    kept = samples[first.sample].subjects[first.subjects[0]]
+    assert batch.captions[0] == (kept.caption,)
+
+
+# ---- stages on the tiny policy ----------------------------------------------------------------------------
+
+
+def _config(stage: str, **changes) -> SFTConfig:
+    defaults = {
+        "optim": OptimConfig(learning_rate=1e-2),
+        "position_id": dataclasses.replace(SFTConfig().position_id, condition_categories=("circle", "square", "triangle", "diamond")),
+    }
+    cfg = SFTConfig(stage=stage, data=DATA, **{**defaults, **changes})
+    return dataclasses.replace(cfg, policy=stage_policy(cfg.policy, stage))
+
+
+def _fixed_batch(synthetic, subjects: int):
+    path, samples = synthetic
+    chosen = [s for s in samples if len(s.subjects) == subjects][:4]
+    stream = BatchStream(chosen, path.parent, DATA, seed=0)
+    return stream.load([p for batch in stream.plan(0) for p in batch])
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_stage_lowers_its_loss_on_a_fixed_batch(stage, synthetic):
+    cfg = _config(stage)
+    policy = FluxPolicy.from_config(cfg.policy)
+    objective = StageObjective(policy, cfg)
+    batch = _fixed_batch(synthetic, subjects=2)
+    key = 1234
+    with torch.no_grad():
+        before = objective.batch_loss(batch, key, backward=False)
+    optimizer = make_optimizer(policy, cfg.optim)
+    for _ in range(6):
+        stats = train_step(objective, optimizer, batch, key, cfg.optim.learning_rate)
+        assert not stats.skipped
+    with torch.no_grad():
+        after = objective.batch_loss(batch, key, backward=False)
+    assert float(after.total) < float(before.total) - 1e-3, (stage, before.floats(), after.floats())
+    if stage == "idar":
+        assert float(before.attention) > 0 and float(after.attention) < float(before.attention)  # maps move toward the masks
+    if stage == "routing":
+        assert float(before.routing) > 0 and float(after.routing) < float(before.routing)
+    if stage not in ("idar", "routing"):
+        assert float(before.attention) == float(before.routing) == 0
+
+
+def test_idar_dice_alone_moves_the_attention_maps_toward_the_masks(synthetic):
+    """With a large lambda, the regularized maps overlap their own subject's mask more than before."""
+    from policies import dice_loss, mask_tokens
+
+    cfg = _config("idar", idar=dataclasses.replace(SFTConfig().idar, attention_weight=5.0))
+    policy = FluxPolicy.from_config(cfg.policy)
+    objective = StageObjective(policy, cfg)
+    batch = _fixed_batch(synthetic, subjects=2)
+
+    def overlap() -> tuple[float, float]:
+        noise, t = objective.flow_sample(batch, 7)
+        with torch.no_grad():
+            conditioning = objective.conditioning(batch)
+            x_t, _ = flow_matching_pair(policy.encode_images(batch.targets), noise, t)
+            maps = policy(x_t, t, conditioning, objective.switches).attention_maps
+        masks = mask_tokens(batch.masks, conditioning.noisy_grid)
+        inside = float((maps * masks).sum() / masks.sum())
+        return inside, float(dice_loss(maps, masks))
+
+    inside_before, dice_before = overlap()
+    optimizer = make_optimizer(policy, cfg.optim)
+    for _ in range(8):
+        train_step(objective, optimizer, batch, 7, cfg.optim.learning_rate)
+    inside_after, dice_after = overlap()
+    assert dice_after < dice_before - 0.05
+    assert inside_after > inside_before
+
+
+def test_phrase_stage_groups_give_the_per_sample_mean(synthetic):
+    """position_id splits a batch by phrase positions; the batch loss is still the mean over samples."""
+    cfg = _config("position_id")
+    policy = FluxPolicy.from_config(cfg.policy)
+    objective = StageObjective(policy, cfg)
+    path, samples = synthetic
+    mixed = [s for s in samples if len(s.subjects) == 1][:4]
+    stream = BatchStream(mixed, path.parent, DATA, seed=0)
+    batch = stream.load([p for b in stream.plan(0) for p in b])
+    assert len(objective.groups(batch)) > 1  # different shapes/colours put the phrases on different tokens
+    noise, t = objective.flow_sample(batch, 5)
+    with torch.no_grad():
+        whole = objective.batch_loss(batch, 5, backward=False)
+        each = [objective.loss(batch.select([i]), noise[[i]], t[[i]]) for i in range(len(batch.prompts))]
+    assert float(whole.total) == pytest.approx(sum(float(e.total) for e in each) / len(each), rel=1e-5)
+
+
+def test_stage_checks_name_the_lines_it_cannot_use(synthetic):
+    path, samples = synthetic
+    cfg = _config("position_id", position_id=dataclasses.replace(SFTConfig().position_id, condition_categories=("circle",)))
+    policy = FluxPolicy.from_config(cfg.policy)
+    problems = StageObjective(policy, cfg).check_samples(samples)
+    assert problems and all("have no condition id" in p.reason for p in problems)
+    assert {p.line for p in problems} == {s.line for s in samples if any(x.category != "circle" for x in s.subjects)}
+    routing = StageObjective(FluxPolicy.from_config(_config("routing").policy), _config("routing"))
+    broken = dataclasses.replace(samples[0], prompt="something else entirely", line=99)
+    [problem] = routing.check_samples([broken])
+    assert problem.line == 99 and "does not occur in the prompt" in problem.reason
