@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from policies import FluxPolicy
+from rl_align.config import load_config
 from rl_align.sft import (
     StageObjective,
     diptych_source,
@@ -293,3 +295,59 @@ def test_stage_checks_name_the_lines_it_cannot_use(synthetic):
     broken = dataclasses.replace(samples[0], prompt="something else entirely", line=99)
     [problem] = routing.check_samples([broken])
     assert problem.line == 99 and "does not occur in the prompt" in problem.reason
+
+
+# ---- shipped configs --------------------------------------------------------------------------------------
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "sft").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_sft_configs_load(path):
+    cfg = load_config(SFTConfig, path)
+    assert cfg.stage in STAGES
+    assert cfg.data.target_size % cfg.data.size_multiple == 0
+
+
+def test_paper_presets_carry_the_paper_settings():
+    folder = CONFIGS[0].parent
+    single = load_config(SFTConfig, folder / "multicrafter_single.yaml")
+    idar = load_config(SFTConfig, folder / "multicrafter_idar_human.yaml")
+    assert (single.optim.learning_rate, idar.optim.learning_rate) == (3e-5, 1e-5)  # MultiCrafter Appendix B
+    assert single.optim.weight_decay == idar.optim.weight_decay == 1e-2
+    assert (single.data.target_size, single.data.reference_size) == (512, 320)
+    assert single.policy.lora.rank == single.policy.moe_lora.rank == 512 and single.policy.moe_lora.num_experts == 4
+    assert idar.idar.attention_weight == 0.3 and idar.stage == "idar"
+    musar = stage_policy(load_config(SFTConfig, folder / "musar_diptych.yaml").policy, "diptych")
+    assert (musar.dual_branch.noisy_rank, musar.dual_branch.condition_rank) == (4, 128)
+    assert load_config(SFTConfig, folder / "anystory_routing.yaml").routing.routing_weight == 0.1
+    coco = load_config(SFTConfig, folder / "ms_customnet_coco.yaml")
+    assert coco.curriculum.enabled and (coco.curriculum.min_subjects, coco.curriculum.max_subjects, coco.curriculum.gamma) == (2, 5, 1.0)
+    assert (coco.optim.learning_rate, coco.optim.second_learning_rate, coco.optim.first_stage_fraction) == (1e-4, 5e-5, 0.7)
+    ofa = load_config(SFTConfig, folder / "one_for_all_position_id.yaml")
+    assert ofa.position_id.condition_categories == ("face", "upper garment", "lower garment", "bag")
+    assert ofa.optim.learning_rate == 5e-6
+
+
+def test_face_references_are_cropped_to_their_reference_mask(tmp_path):
+    """MultiCrafter uses the face crop as a human's reference: a subject of a crop category with a
+    reference_mask is cut to the mask's square box before resizing; other categories stay whole."""
+    from PIL import Image
+
+    reference = np.full((32, 32, 3), 255, dtype=np.uint8)
+    reference[8:16, 20:28] = (200, 30, 30)
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[8:16, 20:28] = 255
+    Image.fromarray(reference).save(tmp_path / "ref.png")
+    Image.fromarray(mask).save(tmp_path / "ref-mask.png")
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "target.png")
+    Image.fromarray(np.full((16, 16), 255, dtype=np.uint8)).save(tmp_path / "mask.png")
+    line = '{"target": "target.png", "prompt": "p", "subjects": [{"reference": "ref.png", "category": "%s", "caption": "c", "mask": "mask.png", "reference_mask": "ref-mask.png"}]}'
+    (tmp_path / "m.jsonl").write_text(line % "face" + "\n" + line % "dog" + "\n")
+    samples = load_manifest(tmp_path / "m.jsonl")
+    cfg = SFTDataConfig(target_size=16, reference_size=16, size_multiple=16, batch_size=1, crop_margin=0.0)
+    stream = BatchStream(samples, tmp_path, cfg, seed=0)
+    face, dog = (stream.load([plan]).references[0][0] for plan in sorted((p for b in stream.plan(0) for p in b), key=lambda p: p.sample))
+    red = torch.tensor([200, 30, 30]).float()[:, None, None] / 255
+    assert (face - red).abs().max() < 0.02  # only the masked square is left
+    assert float((dog - 1).abs().amax(dim=0).lt(0.02).float().mean()) > 0.8  # the whole white reference
