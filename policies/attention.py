@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -78,15 +78,20 @@ def condition_affinity(
 
 
 def prompt_routing_maps(
-    noisy_query: torch.Tensor, text_key: torch.Tensor, prompt_spans: tuple[tuple[int, int], ...]
+    noisy_query: torch.Tensor, text_key: torch.Tensor, sample_spans: Sequence[Sequence[tuple[int, int]]]
 ) -> torch.Tensor:
     """Soft routing maps from the prompt router that dynamic routing uses: M_k(x) = sum of S(x, t) over
     the tokens t of subject k's phrase, the share of noisy token x's prompt attention that goes to that
     phrase. Each M_k is in [0, 1] and sum_k M_k <= 1 (the rest, on the other prompt tokens, plays
     AnyStory's background route). These are the maps AnyStory's routing loss supervises (Eq. 4).
-    noisy_query (B, H, N, d), text_key (B, H, T, d) -> (B, R, N) in fp32, differentiable."""
+    noisy_query (B, H, N, d), text_key (B, H, T, d), sample_spans: B tuples of R [start, end) spans (each
+    sample's own phrases) -> (B, R, N) in fp32, differentiable."""
     similarity = prompt_similarity(noisy_query, text_key)  # (B, N, T)
-    return torch.stack([similarity[..., start:end].sum(dim=-1) for start, end in prompt_spans], dim=1)
+    if len(sample_spans) != similarity.shape[0]:
+        raise ValueError(f"{len(sample_spans)} span tuples for a batch of {similarity.shape[0]}")
+    return torch.stack([
+        torch.stack([similarity[b, :, start:end].sum(dim=-1) for start, end in spans]) for b, spans in enumerate(sample_spans)
+    ])
 
 
 def dynamic_routing_mask(assignment: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
@@ -230,17 +235,31 @@ class AttentionControl:
     temperature: bool = False
     capture_routing: bool = False
     prompt_spans: tuple[tuple[int, int], ...] | None = None
+    routing_spans: tuple[tuple[tuple[int, int], ...], ...] | None = None  # per sample, for capture_routing
     captured: list[torch.Tensor] = field(default_factory=list)
     routing_maps: list[torch.Tensor] = field(default_factory=list)  # (B, R, N) per double block when capture_routing
     routing_assignments: list[torch.Tensor] = field(default_factory=list)  # (B, N) per block, observable
     _static_mask: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if (self.dynamic_routing or self.capture_routing) and (self.prompt_spans is None or len(self.prompt_spans) != len(self.layout.references)):
+        references = len(self.layout.references)
+        needs_shared = self.dynamic_routing or (self.capture_routing and self.routing_spans is None)
+        if needs_shared and (self.prompt_spans is None or len(self.prompt_spans) != references):
             raise ValueError(
                 "dynamic routing and routing-map capture need prompt_spans: one [start, end) prompt-token span per reference "
-                f"({len(self.layout.references)}), got {self.prompt_spans!r}"
+                f"({references}), got {self.prompt_spans!r}"
             )
+        if self.routing_spans is not None and any(len(spans) != references for spans in self.routing_spans):
+            raise ValueError(f"routing_spans must give each sample one span per reference ({references}), got {self.routing_spans!r}")
+
+    def sample_routing_spans(self, batch: int) -> tuple[tuple[tuple[int, int], ...], ...]:
+        """Each sample's phrase spans for routing-map capture (a batch-1 conditioning broadcasts)."""
+        spans = self.routing_spans if self.routing_spans is not None else (self.prompt_spans,)
+        if len(spans) == 1:
+            return spans * batch
+        if len(spans) != batch:
+            raise ValueError(f"routing_spans has {len(spans)} entries for a batch of {batch}")
+        return spans
 
     def static_mask(self, device: torch.device) -> torch.Tensor:
         if self._static_mask is None or self._static_mask.device != device:
@@ -304,7 +323,8 @@ class PolicyAttnProcessor(torch.nn.Module):
                 layout = control.layout
                 noisy_query = query[:, layout.text : layout.text + layout.noisy].transpose(1, 2)
                 text_key = key[:, : layout.text].transpose(1, 2)
-                control.routing_maps.append(prompt_routing_maps(noisy_query, text_key, control.prompt_spans))
+                spans = control.sample_routing_spans(query.shape[0])
+                control.routing_maps.append(prompt_routing_maps(noisy_query, text_key, spans))
 
         hidden_states = dispatch_attention_fn(
             query, key, value, attn_mask=attention_mask, backend=self._attention_backend, parallel_config=self._parallel_config

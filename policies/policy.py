@@ -57,6 +57,9 @@ class Conditioning(NamedTuple):
     noisy_grid: GridSize  # packed grid of the noisy latents
     layout: TokenLayout
     item_spans: tuple[tuple[int, int], ...] | None
+    # Per-sample phrase spans (one tuple of spans per sample) for routing-map capture, whose maps are per
+    # sample; None: item_spans for every sample. Position ids and dynamic routing use item_spans only.
+    sample_item_spans: tuple[tuple[tuple[int, int], ...], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -245,6 +248,7 @@ class FluxPolicy(torch.nn.Module):
             temperature=switches.temperature,
             capture_routing=switches.capture_routing,
             prompt_spans=conditioning.item_spans,
+            routing_spans=conditioning.sample_item_spans,
         )
         guidance = None
         if self.transformer.config.guidance_embeds:

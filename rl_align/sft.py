@@ -11,8 +11,8 @@ x_t = (1 - t) x0 + t eps, target v = eps - x0, L_diff = mean ||v_theta(x_t, t) -
 | position_id | Dynamic Attention Modulation; condition-id positions | none (One-for-All) |
 | routing | prompt routing-map capture | lambda mean ||M - M_gt||^2, lambda 0.1 (AnyStory Eq. 4) |
 
-Samples of a batch share position ids and the token layout; stages that place item phrases (position_id,
-routing) split a batch into groups whose phrases fall on the same prompt tokens and accumulate their
+Samples of a batch share position ids and the token layout; position_id, whose text ids place each item
+phrase, splits a batch into groups whose phrases fall on the same prompt tokens and accumulates their
 gradients weighted by group size, so the loss is the batch mean whatever the split.
 """
 
@@ -157,8 +157,10 @@ class StageObjective:
         return problems
 
     def groups(self, batch: SFTBatch) -> list[list[int]]:
-        """Sample indices that can share one conditioning (same phrase spans and condition ids)."""
-        if self.stage not in PHRASE_STAGES:
+        """Sample indices that can share one conditioning: position_id's text ids place each phrase, and
+        ids are shared by a batch, so its samples group by phrase spans (and condition ids). Routing maps
+        take each sample's own spans: one group."""
+        if self.stage != "position_id":
             return [list(range(len(batch.prompts)))]
         keyed: dict[tuple, list[int]] = {}
         for i, (prompt, captions, categories) in enumerate(zip(batch.prompts, batch.captions, batch.categories)):
@@ -169,10 +171,14 @@ class StageObjective:
     def conditioning(self, batch: SFTBatch) -> Conditioning:
         """One conditioning for a batch whose samples share phrase spans and condition ids."""
         prompts = self.policy.encode_prompts(batch.prompts)
-        if self.stage in PHRASE_STAGES:  # the group's captions differ but fall on the same tokens
-            prompts = prompts._replace(item_spans=self.policy.item_spans(batch.prompts[0], batch.captions[0]))
+        spans = [self.policy.item_spans(p, c) for p, c in zip(batch.prompts, batch.captions)] if self.stage in PHRASE_STAGES else None
+        if self.stage == "position_id":  # the group's captions may differ but fall on the same tokens
+            prompts = prompts._replace(item_spans=spans[0])
         height, width = batch.targets.shape[-2:]
-        return self.policy.condition(prompts, batch.references, height, width, condition_ids=self.condition_ids(batch.categories[0]))
+        conditioning = self.policy.condition(prompts, batch.references, height, width, condition_ids=self.condition_ids(batch.categories[0]))
+        if self.stage == "routing":
+            conditioning = conditioning._replace(sample_item_spans=tuple(spans))
+        return conditioning
 
     def loss(self, batch: SFTBatch, noise: torch.Tensor, t: torch.Tensor) -> LossTerms:
         """The stage's loss of one conditioning group. noise (B, C, h, w) and t (B,) fix the flow sample."""

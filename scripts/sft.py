@@ -42,7 +42,13 @@ from samplers import flux_sigmas, ode_solve
 from samplers.noise import key_seed
 
 log = logging.getLogger("sft")
-LOSS_KEYS = ("total", "flow", "attention", "routing", "balance")
+
+
+def _plotted_terms(cfg: SFTConfig) -> list[str]:
+    """The loss terms this run can make non-zero."""
+    terms = ["total", "flow"]
+    terms += {"idar": ["attention"], "routing": ["routing"]}.get(cfg.stage, [])
+    return terms + (["balance"] if cfg.optim.load_balancing_weight > 0 else [])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,11 +168,11 @@ def train(argv: list[str]) -> int:
         log.info("stage %s trains this policy: %s", cfg.stage, ", ".join(changed))
     torch.manual_seed(cfg.run.seed)
 
-    policy = FluxPolicy.from_config(cfg.policy).to(_device())
-    objective = StageObjective(policy, cfg)
     try:
+        policy = FluxPolicy.from_config(cfg.policy).to(_device())
+        objective = StageObjective(policy, cfg)
         streams, eval_source = _streams(cfg, run_dir, objective)
-    except (ManifestError, ValueError) as exc:
+    except (FileNotFoundError, ValueError) as exc:  # a missing model folder, a bad manifest (ManifestError)
         log.error("%s", exc)
         return 2
     optimizer = make_optimizer(policy, cfg.optim)
@@ -188,8 +194,7 @@ def train(argv: list[str]) -> int:
     eval_batch = eval_stream.load(eval_stream.plan(0)[0])
     eval_key = key_seed("sft-eval", cfg.run.seed)
     metrics = MetricsLog(run_dir, resume_from=start if args.resume else None)
-    if start == 0:
-        _evaluate(objective, eval_batch, eval_key, metrics, 0)
+    _evaluate(objective, eval_batch, eval_key, metrics, start)  # on resume: the record the purge dropped, recomputed
     progress = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"SFT {cfg.stage}", dynamic_ncols=True)
     for step in progress:
         started = time.perf_counter()
@@ -214,7 +219,8 @@ def train(argv: list[str]) -> int:
         if done % cfg.output.sample_every == 0 or last:
             _save_samples(objective, eval_batch, cfg, run_dir / "samples" / f"step-{done:08d}.png")
         if done % cfg.output.plot_every == 0 or last:
-            plot_curves(read_metrics(metrics.path), [f"loss/{k}" for k in LOSS_KEYS] + [f"eval/{k}" for k in LOSS_KEYS] + ["lr", "grad_norm"],
+            terms = _plotted_terms(cfg)
+            plot_curves(read_metrics(metrics.path), [f"loss/{k}" for k in terms] + [f"eval/{k}" for k in terms] + ["lr", "grad_norm"],
                         run_dir / "loss_curve.png", title=f"SFT {cfg.stage} {run_dir.name}", smooth=5)
         if done % cfg.output.checkpoint_every == 0 or last:
             state = {"adapters": adapter_state(policy), "optimizer": optimizer.state_dict(), "streams": {n: s.state() for n, s in streams.items()}}

@@ -218,13 +218,13 @@ def test_routing_needs_prompt_spans():
 def test_prompt_routing_maps_are_the_phrase_share_of_prompt_attention():
     generator = torch.Generator().manual_seed(1)
     q, k = torch.randn(2, 3, 5, 8, generator=generator), torch.randn(2, 3, 6, 8, generator=generator)
-    spans = ((0, 2), (3, 6))
+    spans = (((0, 2), (3, 6)), ((1, 2), (2, 5)))  # each sample's own phrase tokens
     maps = prompt_routing_maps(q, k, spans)
     assert maps.shape == (2, 2, 5)
     for b in range(2):
         for x in range(5):
             s = torch.stack([torch.softmax(q[b, h, x] @ k[b, h].T / 8**0.5, dim=0) for h in range(3)]).mean(0)
-            torch.testing.assert_close(maps[b, :, x], torch.stack([s[0:2].sum(), s[3:6].sum()]))
+            torch.testing.assert_close(maps[b, :, x], torch.stack([s[start:end].sum() for start, end in spans[b]]))
     assert float(maps.sum(dim=1).max()) <= 1 + 1e-6  # token 2 is the background route
 
 
@@ -250,6 +250,12 @@ def test_policy_routing_maps_per_double_block_train_the_adapters():
     assert out.routing_maps.shape == (2, blocks, 2, cond.layout.noisy)
     assert float(out.routing_maps.min()) >= 0 and float(out.routing_maps.sum(dim=2).max()) <= 1 + 1e-6
     assert policy(x, sigma, cond).routing_maps is None
+    # per-sample spans: swapping the phrases of sample 1 swaps its maps, sample 0 keeps the shared ones
+    swapped = cond._replace(sample_item_spans=(cond.item_spans, cond.item_spans[::-1]))
+    with torch.no_grad():
+        per_sample = policy(x, sigma, swapped, AttentionSwitches(capture_routing=True)).routing_maps
+    torch.testing.assert_close(per_sample[0], out.routing_maps[0].detach())
+    torch.testing.assert_close(per_sample[1], out.routing_maps[1].detach().flip(1))
     target = torch.zeros(2, 2, cond.layout.noisy)
     target[:, 0, : cond.layout.noisy // 2] = 1
     routing_loss(out.routing_maps, target).backward()

@@ -267,16 +267,20 @@ def test_idar_dice_alone_moves_the_attention_maps_toward_the_masks(synthetic):
     assert inside_after > inside_before
 
 
-def test_phrase_stage_groups_give_the_per_sample_mean(synthetic):
-    """position_id splits a batch by phrase positions; the batch loss is still the mean over samples."""
-    cfg = _config("position_id")
+@pytest.mark.parametrize("stage", ["position_id", "routing"])
+def test_phrase_stages_give_the_per_sample_mean(stage, synthetic):
+    """position_id splits a batch by phrase positions, routing takes each sample's own spans in one
+    group; either way the batch loss is the mean of the samples' losses."""
+    cfg = _config(stage)
     policy = FluxPolicy.from_config(cfg.policy)
     objective = StageObjective(policy, cfg)
     path, samples = synthetic
     mixed = [s for s in samples if len(s.subjects) == 1][:4]
     stream = BatchStream(mixed, path.parent, DATA, seed=0)
     batch = stream.load([p for b in stream.plan(0) for p in b])
-    assert len(objective.groups(batch)) > 1  # different shapes/colours put the phrases on different tokens
+    # different shapes and colours put the phrases on different tokens
+    assert len({policy.item_spans(p, c) for p, c in zip(batch.prompts, batch.captions)}) > 1
+    assert len(objective.groups(batch)) == (1 if stage == "routing" else len({policy.item_spans(p, c) for p, c in zip(batch.prompts, batch.captions)}))
     noise, t = objective.flow_sample(batch, 5)
     with torch.no_grad():
         whole = objective.batch_loss(batch, 5, backward=False)

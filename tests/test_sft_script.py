@@ -60,6 +60,7 @@ def test_run_folder_resume_and_warm_start(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed after step 4" in (run / "log.txt").read_text()
     assert [r["iteration"] for r in _metrics(run) if "loss/total" in r] == list(range(6))
+    assert [r["iteration"] for r in _metrics(run) if "eval/total" in r] == [0, 2, 4, 6]
 
     # the same 6 steps in one go end with exactly the resumed run's adapters
     straight = _sft("--config", QUICKSTART, "stage=position_id", "steps=6", f"run.output_root={tmp_path}", "run.name=b", *SMALL)
