@@ -15,6 +15,7 @@ from typing import Callable, Literal, NamedTuple, Sequence
 
 import torch
 
+from rl_align.distributed import sum_gradients
 from rl_align.losses import gaussian_mean_kl, grpo_step_objective, gspo_objective
 from samplers import Velocity, WindowTransition, sde_step_with_logprob
 from samplers.steps import Reduce
@@ -133,16 +134,8 @@ def policy_update(
         )
 
     if all_reduce is not None:
-        for p in params:  # a parameter unused on this rank may be used on another
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        all_reduce(flat)
+        sum_gradients(params, all_reduce)
         all_reduce(sums)
-        offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
-            offset += p.numel()
     finite = float(sums[0]) == 0  # on every rank, after the reduction
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if finite else math.nan
     if not finite or not math.isfinite(grad_norm):

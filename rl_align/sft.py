@@ -21,12 +21,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Literal, NamedTuple, Sequence
+from typing import Callable, Literal, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from policies import AttentionSwitches, Conditioning, FluxPolicy, PolicyConfig, dice_loss, load_balancing_loss, mask_tokens, routing_loss
+from rl_align.distributed import sum_gradients
 from rl_align.sft_config import DiptychConfig, OptimConfig, SFTConfig, TimestepConfig
 from rl_align.sft_data import SFTBatch
 from rl_align.sft_manifest import ManifestProblem, SampleRecord
@@ -213,9 +214,9 @@ class StageObjective:
         noise = torch.randn(len(batch.prompts), *shape, generator=generator)
         return noise, sample_timesteps(len(batch.prompts), generator, self.cfg.timesteps)
 
-    def batch_loss(self, batch: SFTBatch, key: int, backward: bool) -> LossTerms:
-        """The batch-mean loss terms; with ``backward`` each group's share is back-propagated as it is
-        computed (one group's graph alive at a time)."""
+    def batch_loss(self, batch: SFTBatch, key: int, backward: bool, scale: float = 1.0) -> LossTerms:
+        """The batch-mean loss terms; with ``backward`` each group's share of ``scale`` x the loss is
+        back-propagated as it is computed (one group's graph alive at a time)."""
         noise, t = self.flow_sample(batch, key)
         size = len(batch.prompts)
         sums = None
@@ -223,7 +224,7 @@ class StageObjective:
             terms = self.loss(batch.select(indices), noise[indices], t[indices])
             weight = len(indices) / size
             if backward:
-                (weight * terms.total).backward()
+                (scale * weight * terms.total).backward()
             weighted = [weight * v.detach() for v in terms]
             sums = weighted if sums is None else [a + b for a, b in zip(sums, weighted)]
         return LossTerms(*sums)
@@ -235,14 +236,33 @@ class StepStats(NamedTuple):
     skipped: bool
 
 
-def train_step(objective: StageObjective, optimizer: torch.optim.Optimizer, batch: SFTBatch, key: int, learning_rate: float) -> StepStats:
+def train_step(
+    objective: StageObjective,
+    optimizer: torch.optim.Optimizer,
+    batch: SFTBatch,
+    key: int,
+    learning_rate: float,
+    total_samples: int | None = None,
+    all_reduce: Callable[[torch.Tensor], None] | None = None,
+) -> StepStats:
     """One optimizer step on ``batch`` with the flow sample drawn from ``key``. A non-finite loss or
-    gradient skips the step with a warning instead of corrupting the adapters."""
+    gradient skips the step with a warning instead of corrupting the adapters.
+
+    Data-parallel ranks pass ``total_samples`` (the samples of every rank's batch) and an in-place sum
+    ``all_reduce``: each rank's loss counts by its share of all samples, gradients and loss terms are
+    summed over ranks before clipping, so every rank takes the step of the mean over all samples (or
+    skips it) together; the returned terms are those of all ranks."""
     for group in optimizer.param_groups:
         group["lr"] = learning_rate
     optimizer.zero_grad(set_to_none=True)
-    terms = objective.batch_loss(batch, key, backward=True)
+    share = len(batch.prompts) / total_samples if total_samples is not None else 1.0
+    terms = objective.batch_loss(batch, key, backward=True, scale=share)
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    if all_reduce is not None:
+        sum_gradients(params, all_reduce)
+        summed = torch.stack([share * v.detach().double().cpu() for v in terms])
+        all_reduce(summed)
+        terms = LossTerms(*summed.float())
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, objective.cfg.optim.max_grad_norm))
     skipped = not (math.isfinite(grad_norm) and math.isfinite(float(terms.total)))
     if skipped:

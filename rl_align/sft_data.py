@@ -105,7 +105,9 @@ def subject_count_limit(epoch: int, epochs: int, k_min: int, k_max: int, gamma: 
 class BatchStream:
     """Endless batches over ``samples``, one epoch (a seeded shuffle of the buckets' batches) after
     another. ``subject_limit(epoch)`` (MS-CustomNet Eq. 16) keeps a seeded random subset of at most that
-    many subjects of a sample, in their original order. The position (epoch, batch) is the whole state."""
+    many subjects of a sample, in their original order. Data-parallel process ``rank`` of ``world`` takes
+    every world-th batch of each epoch's plan, starting at its rank, so the processes share each epoch
+    without overlap. The position (epoch, batch) is the whole state."""
 
     def __init__(
         self,
@@ -114,17 +116,28 @@ class BatchStream:
         cfg: SFTDataConfig,
         seed: int,
         subject_limit: Callable[[int], int] | None = None,
+        rank: int = 0,
+        world: int = 1,
     ):
         if not samples:
             raise ValueError("a batch stream needs at least one sample")
         self.samples, self.root, self.cfg, self.seed = list(samples), Path(root), cfg, seed
-        self.subject_limit = subject_limit
+        self.subject_limit, self.rank, self.world = subject_limit, rank, world
         self.sizes = []
         for s in self.samples:
             with Image.open(self.root / s.target) as image:
                 self.sizes.append(bucket_size(image.width, image.height, cfg.target_size, cfg.size_multiple))
         self.epoch, self.position = 0, 0
-        self._plan = self.plan(0)
+        self._plan = self._rank_plan(0)
+
+    def _rank_plan(self, epoch: int) -> list[list[PlannedSample]]:
+        plan = self.plan(epoch)
+        if len(plan) < self.world:
+            raise ValueError(
+                f"{len(self.samples)} samples make {len(plan)} batches of up to {self.cfg.batch_size} per epoch, fewer than the "
+                f"{self.world} data-parallel processes: use more samples or a smaller data.batch_size"
+            )
+        return plan[self.rank :: self.world]
 
     def plan(self, epoch: int) -> list[list[PlannedSample]]:
         """The batches of one epoch: samples grouped by (subject count, target size), each bucket
@@ -153,12 +166,12 @@ class BatchStream:
 
     def load_state(self, state: dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._plan = self.plan(self.epoch)
+        self._plan = self._rank_plan(self.epoch)
 
     def next(self) -> SFTBatch:
         if self.position >= len(self._plan):
             self.epoch, self.position = self.epoch + 1, 0
-            self._plan = self.plan(self.epoch)
+            self._plan = self._rank_plan(self.epoch)
         planned = self._plan[self.position]
         self.position += 1
         return self.load(planned)

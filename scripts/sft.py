@@ -7,6 +7,8 @@
     python scripts/sft.py build-diptych <single_manifest.jsonl> <out_dir> [--pairing random|same_category --count N]
     python scripts/sft.py build-coco <instances.json> <image_dir> <out_dir> [--captions captions.json --beta 0.015 --alpha 2]
 
+    torchrun --nproc_per_node 8 scripts/sft.py --config ...                        # data-parallel, one process per GPU
+
 Stages: single, idar, diptych, position_id, routing. The run folder gets config.yaml (resolved, with the
 stage's policy changes), policy.yaml (the policy section, for train_gspo.py), metrics.jsonl + TensorBoard,
 loss_curve.png, samples/, checkpoints/ and, at the end, adapters/. Warm-start RL with
@@ -22,6 +24,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +33,7 @@ from tqdm import tqdm
 from policies import FluxPolicy
 from rl_align.checkpoints import load_checkpoint, save_checkpoint
 from rl_align.config import ConfigError, load_config, save_config
+from rl_align.distributed import Ranks, ranks_from_environment
 from rl_align.ippo import adapter_state, images_to_uint8, load_adapter_state
 from rl_align.runs import create_run_dir, load_run_config, run_parser, setup_logging
 from rl_align.sft import StageObjective, diptych_source, learning_rate_at, make_optimizer, stage_policy, train_step
@@ -156,33 +160,41 @@ def train(argv: list[str]) -> int:
     trained_policy = stage_policy(cfg.policy, cfg.stage)
     changed = _changed_keys(cfg.policy, trained_policy, "policy")
     cfg = dataclasses.replace(cfg, policy=trained_policy)
+    ranks = ranks_from_environment()
     if args.resume:
         run_dir = Path(args.resume)
-        save_config(cfg, run_dir / "config.yaml")
-    else:
+    elif ranks.main:
         run_dir = create_run_dir(cfg.run, cfg, prefix=f"sft-{cfg.stage}")
-    save_config(cfg.policy, run_dir / "policy.yaml")
-    setup_logging(run_dir)
-    log.info("run folder %s, stage %s", run_dir.resolve(), cfg.stage)
+    run_dir = Path(ranks.broadcast(str(run_dir) if ranks.main else None))
+    if ranks.main:
+        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg.policy, run_dir / "policy.yaml")
+    setup_logging(run_dir if ranks.main else None, logging.INFO if ranks.main else logging.WARNING)
+    log.info("run folder %s, stage %s, %d process(es) on %s", run_dir.resolve(), cfg.stage, ranks.world, ranks.device.type)
     if changed:
         log.info("stage %s trains this policy: %s", cfg.stage, ", ".join(changed))
     torch.manual_seed(cfg.run.seed)
 
     try:
-        policy = FluxPolicy.from_config(cfg.policy).to(_device())
+        policy = FluxPolicy.from_config(cfg.policy).to(ranks.device)
         objective = StageObjective(policy, cfg)
-        streams, eval_source = _streams(cfg, run_dir, objective)
+        streams, eval_source = _streams(cfg, run_dir, objective, ranks)
     except (FileNotFoundError, ValueError) as exc:  # a missing model folder, a bad manifest (ManifestError)
         log.error("%s", exc)
+        ranks.close()
         return 2
     optimizer = make_optimizer(policy, cfg.optim)
 
     start = 0
     if args.resume:
         state = load_checkpoint(run_dir)
+        if len(state["streams"]) != ranks.world:
+            log.error("the checkpoint was written by %d process(es); resume it with as many, not %d", len(state["streams"]), ranks.world)
+            ranks.close()
+            return 2
         load_adapter_state(policy, state["adapters"])
         optimizer.load_state_dict(state["optimizer"])
-        for name, stream_state in state["streams"].items():
+        for name, stream_state in state["streams"][ranks.rank].items():
             streams[name].load_state(stream_state)
         start = state["iteration"]
         log.info("resumed after step %d", start)
@@ -193,27 +205,41 @@ def train(argv: list[str]) -> int:
     eval_stream = streams[eval_source]
     eval_batch = eval_stream.load(eval_stream.plan(0)[0])
     eval_key = key_seed("sft-eval", cfg.run.seed)
-    metrics = MetricsLog(run_dir, resume_from=start if args.resume else None)
-    _evaluate(objective, eval_batch, eval_key, metrics, start)  # on resume: the record the purge dropped, recomputed
-    progress = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"SFT {cfg.stage}", dynamic_ncols=True)
+    metrics = MetricsLog(run_dir, resume_from=start if args.resume else None) if ranks.main else None
+    if ranks.main:
+        _evaluate(objective, eval_batch, eval_key, metrics, start)  # on resume: the record the purge dropped, recomputed
+    progress = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"SFT {cfg.stage}", dynamic_ncols=True, disable=not ranks.main)
     for step in progress:
         started = time.perf_counter()
         source = diptych_source(step, cfg.diptych, cfg.run.seed) if cfg.stage == "diptych" else "main"
         stream = streams[source]
         batch = stream.next()
         rate = learning_rate_at(step, cfg.steps, cfg.optim)
-        stats = train_step(objective, optimizer, batch, key_seed("sft-step", cfg.run.seed, step), rate)
+        key = key_seed("sft-step", cfg.run.seed, step, ranks.rank)  # each rank its own noise
+        if ranks.world > 1:
+            count = torch.tensor([float(len(batch.prompts))])
+            ranks.all_reduce(count)
+            stats = train_step(objective, optimizer, batch, key, rate, total_samples=int(count), all_reduce=ranks.all_reduce)
+        else:
+            count, stats = None, train_step(objective, optimizer, batch, key, rate)
+        done = step + 1
+        last = done == cfg.steps
+        if done % cfg.output.checkpoint_every == 0 or last:  # every rank: the gather is collective
+            gathered = ranks.gather(({n: s.state() for n, s in streams.items()}, _checksum(policy)))
+            if len({checksum for _, checksum in gathered}) > 1:
+                raise RuntimeError(f"data-parallel processes hold different adapters after step {done}: {[c for _, c in gathered]}")
+        if not ranks.main:
+            continue
         record = {f"loss/{k}": v for k, v in stats.terms.floats().items()}
         record.update({
-            "lr": rate, "grad_norm": stats.grad_norm, "skipped_update": float(stats.skipped), "batch_size": len(batch.prompts),
-            "subjects": len(batch.references), "epoch": stream.epoch, "time/step": time.perf_counter() - started,
+            "lr": rate, "grad_norm": stats.grad_norm, "skipped_update": float(stats.skipped),
+            "batch_size": int(count) if count is not None else len(batch.prompts), "subjects": len(batch.references),
+            "epoch": stream.epoch, "time/step": time.perf_counter() - started,
         })
         if cfg.stage == "diptych":
             record["diptych_source"] = ("single", "random", "same_category").index(source)
         metrics.write(step, record)
         progress.set_postfix(loss=f"{record['loss/total']:.4f}")
-        done = step + 1
-        last = done == cfg.steps
         if done % cfg.output.eval_every == 0 or last:
             _evaluate(objective, eval_batch, eval_key, metrics, done)
         if done % cfg.output.sample_every == 0 or last:
@@ -223,16 +249,20 @@ def train(argv: list[str]) -> int:
             plot_curves(read_metrics(metrics.path), [f"loss/{k}" for k in terms] + [f"eval/{k}" for k in terms] + ["lr", "grad_norm"],
                         run_dir / "loss_curve.png", title=f"SFT {cfg.stage} {run_dir.name}", smooth=5)
         if done % cfg.output.checkpoint_every == 0 or last:
-            state = {"adapters": adapter_state(policy), "optimizer": optimizer.state_dict(), "streams": {n: s.state() for n, s in streams.items()}}
+            state = {"adapters": adapter_state(policy), "optimizer": optimizer.state_dict(), "streams": [states for states, _ in gathered]}
             save_checkpoint(run_dir, done, state, keep=cfg.output.keep_checkpoints)
-    metrics.close()
-    policy.save_adapters(run_dir / "adapters")
-    _summarize(run_dir, cfg)
+    if ranks.main:
+        metrics.close()
+        policy.save_adapters(run_dir / "adapters")
+        _summarize(run_dir, cfg)
+    ranks.barrier()
+    ranks.close()
     return 0
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _checksum(policy: FluxPolicy) -> float:
+    """A sum of every trainable value: data-parallel processes that took the same steps agree on it exactly."""
+    return float(sum(p.detach().double().sum().cpu() for p in policy.trainable_parameters()))
 
 
 def _changed_keys(before, after, prefix: str) -> list[str]:
@@ -246,18 +276,33 @@ def _changed_keys(before, after, prefix: str) -> list[str]:
     return changes
 
 
-def _streams(cfg: SFTConfig, run_dir: Path, objective: StageObjective) -> tuple[dict[str, BatchStream], str]:
-    """The stage's batch streams by name and the one the fixed evaluation batch comes from. Refuses a
-    manifest with any bad line, or with samples the stage cannot use."""
+def _build_once(ranks: Ranks, manifest: Path, build: Callable[[], object]) -> None:
+    """Run ``build`` on rank 0 when ``manifest`` does not exist yet (a resumed run has its data); every
+    rank calls this, waits for rank 0 (which alone looks at the disk, so all agree), and raises its error."""
+    error = None
+    if ranks.main and not manifest.is_file():
+        try:
+            build()
+        except (FileNotFoundError, ValueError) as exc:
+            error = str(exc)
+    error = ranks.broadcast(error)
+    if error is not None:
+        raise ValueError(error)
+
+
+def _streams(cfg: SFTConfig, run_dir: Path, objective: StageObjective, ranks: Ranks) -> tuple[dict[str, BatchStream], str]:
+    """The stage's batch streams (this rank's share) by name and the one the fixed evaluation batch comes
+    from. Refuses a manifest with any bad line, or with samples the stage cannot use."""
     data = cfg.data
     if data.manifest:
         manifest = Path(data.manifest)
     else:
         synthetic = data.synthetic
         manifest = run_dir / "data" / "synthetic" / "manifest.jsonl"
-        if not manifest.is_file():
-            build_synthetic_manifest(manifest.parent, synthetic.samples, synthetic.min_subjects, synthetic.max_subjects,
-                                     synthetic.image_size, synthetic.reference_size, cfg.run.seed)
+        _build_once(ranks, manifest, lambda: build_synthetic_manifest(
+            manifest.parent, synthetic.samples, synthetic.min_subjects, synthetic.max_subjects,
+            synthetic.image_size, synthetic.reference_size, cfg.run.seed,
+        ))
         categories = set(data.categories)
         if not categories >= set(SYNTHETIC_CATEGORIES):
             raise ValueError(f"the synthetic data has categories {list(SYNTHETIC_CATEGORIES)}; data.categories {list(data.categories)} lacks some")
@@ -272,19 +317,19 @@ def _streams(cfg: SFTConfig, run_dir: Path, objective: StageObjective) -> tuple[
             epochs = max(1, math.ceil(cfg.steps * data.batch_size / len(samples)))
             limit = lambda epoch: subject_count_limit(min(epoch, epochs), epochs, c.min_subjects, c.max_subjects, c.gamma)  # noqa: E731
             log.info("subject curriculum over %d epochs: K = %s", epochs, [limit(e) for e in range(epochs + 1)])
-        return {"main": BatchStream(samples, manifest.parent, data, seed, limit)}, "main"
+        return {"main": BatchStream(samples, manifest.parent, data, seed, limit, ranks.rank, ranks.world)}, "main"
     singles = [s for s in samples if len(s.subjects) == 1]
     log.info("diptych: %d of %d samples have one subject and are the single-subject data and the diptych sources", len(singles), len(samples))
     if len(singles) < 2:
         raise ValueError(f"stage diptych needs single-subject samples to pair; {manifest} has {len(singles)}")
-    streams = {"single": BatchStream(singles, manifest.parent, data, seed)}
+    streams = {"single": BatchStream(singles, manifest.parent, data, seed, rank=ranks.rank, world=ranks.world)}
     for pairing, name in (("random", "random"), ("same_category", "same_category")):
         folder = run_dir / "data" / f"diptych-{pairing}"
         path = folder / "manifest.jsonl"
-        if not path.is_file():
-            build_diptych_manifest(singles, manifest.parent, folder, pairing, cfg.diptych.pairs, key_seed("diptych", seed, pairing) % 2**31)
+        pair_seed = key_seed("diptych", seed, pairing) % 2**31
+        _build_once(ranks, path, lambda: build_diptych_manifest(singles, manifest.parent, folder, pairing, cfg.diptych.pairs, pair_seed))
         pairs = load_manifest(path, data.categories)
-        streams[name] = BatchStream(pairs, folder, data, seed)
+        streams[name] = BatchStream(pairs, folder, data, seed, rank=ranks.rank, world=ranks.world)
         log.info("diptych: %d %s pairs in %s", len(pairs), pairing, path)
     return streams, "same_category"
 

@@ -248,7 +248,8 @@ def test_policy_routing_maps_per_double_block_train_the_adapters():
     out = policy(x, sigma, cond, AttentionSwitches(capture_routing=True))
     blocks = len(policy.transformer.transformer_blocks)
     assert out.routing_maps.shape == (2, blocks, 2, cond.layout.noisy)
-    assert float(out.routing_maps.min()) >= 0 and float(out.routing_maps.sum(dim=2).max()) <= 1 + 1e-6
+    maps = out.routing_maps.detach()
+    assert float(maps.min()) >= 0 and float(maps.sum(dim=2).max()) <= 1 + 1e-6
     assert policy(x, sigma, cond).routing_maps is None
     # per-sample spans: swapping the phrases of sample 1 swaps its maps, sample 0 keeps the shared ones
     swapped = cond._replace(sample_item_spans=(cond.item_spans, cond.item_spans[::-1]))

@@ -1,0 +1,86 @@
+"""Data-parallel processes: the process group of a ``torchrun`` launch (RANK, WORLD_SIZE, LOCAL_RANK in the
+environment; one process and no torch.distributed call without them) and the gradient sum every rank
+needs before its optimizer step."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the data-parallel processes (rank 0 of 1 when not launched by torchrun)."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        """In-place sum over ranks (nccl needs the tensor on the device)."""
+        if self.world == 1:
+            return
+        work = tensor.to(self.device) if self.device.type == "cuda" else tensor
+        dist.all_reduce(work)
+        if work is not tensor:
+            tensor.copy_(work.to(tensor.device))
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (a picklable object)."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value``, in rank order, on every rank."""
+        if self.world == 1:
+            return [value]
+        values: list[Any] = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world > 1:
+            dist.destroy_process_group()
+
+
+def ranks_from_environment() -> Ranks:
+    """Join the process group torchrun describes (nccl on GPUs, one per LOCAL_RANK; gloo on CPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world == 1:
+        return Ranks(0, 1, torch.device("cuda" if cuda else "cpu"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size(), device)
+
+
+def sum_gradients(params: Sequence[torch.nn.Parameter], all_reduce: Callable[[torch.Tensor], None]) -> None:
+    """Replace every parameter's gradient by its sum over ranks, in one flat all-reduce. A parameter with
+    no gradient on this rank counts as zeros (another rank may have used it)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+        offset += p.numel()
