@@ -123,10 +123,7 @@ class BatchStream:
             raise ValueError("a batch stream needs at least one sample")
         self.samples, self.root, self.cfg, self.seed = list(samples), Path(root), cfg, seed
         self.subject_limit, self.rank, self.world = subject_limit, rank, world
-        self.sizes = []
-        for s in self.samples:
-            with Image.open(self.root / s.target) as image:
-                self.sizes.append(bucket_size(image.width, image.height, cfg.target_size, cfg.size_multiple))
+        self.sizes = [bucket_size(*_target_size(s, self.root), cfg.target_size, cfg.size_multiple) for s in self.samples]
         self.epoch, self.position = 0, 0
         self._plan = self._rank_plan(0)
 
@@ -205,6 +202,14 @@ class BatchStream:
             target, references, masks, record.prompt, tuple(s.caption for s in subjects),
             tuple(s.category for s in subjects), record.line,
         )
+
+
+def _target_size(sample: SampleRecord, root: Path) -> tuple[int, int]:
+    """(width, height) of a sample's target: from the manifest check when it ran, else from the file."""
+    if sample.target_size is not None:
+        return sample.target_size
+    with Image.open(root / sample.target) as image:
+        return image.size
 
 
 def crop_to_mask(image: np.ndarray, mask: np.ndarray, margin: float) -> np.ndarray:

@@ -50,6 +50,7 @@ class SampleRecord:
     subjects: tuple[SubjectRecord, ...]
     layout: str | None = None
     line: int = 0  # line number in the manifest it was read from (0: built in memory)
+    target_size: tuple[int, int] | None = None  # (width, height), known once check_manifest has read the file
 
     def to_json(self) -> dict:
         subjects = []
@@ -206,4 +207,4 @@ def _parse_line(line: str, number: int, root: Path, categories: Sequence[str], r
             subjects.append(SubjectRecord(reference, category, caption, mask, reference_mask))
     if reasons:
         return None
-    return SampleRecord(target, prompt, tuple(subjects), layout, number)
+    return SampleRecord(target, prompt, tuple(subjects), layout, number, target_size)

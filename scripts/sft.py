@@ -40,7 +40,7 @@ from rl_align.sft import StageObjective, diptych_source, learning_rate_at, make_
 from rl_align.sft_builders import SYNTHETIC_CATEGORIES, build_coco_manifest, build_diptych_manifest, build_synthetic_manifest
 from rl_align.sft_config import SFTConfig
 from rl_align.sft_data import BatchStream, SFTBatch, subject_count_limit
-from rl_align.sft_manifest import ManifestError, check_manifest, load_manifest
+from rl_align.sft_manifest import ManifestError, SampleRecord, check_manifest, load_manifest
 from rl_align.tracking import MetricsLog, plot_curves, read_metrics, save_image_grid
 from samplers import flux_sigmas, ode_solve
 from samplers.noise import key_seed
@@ -290,6 +290,21 @@ def _build_once(ranks: Ranks, manifest: Path, build: Callable[[], object]) -> No
         raise ValueError(error)
 
 
+def _load_once(ranks: Ranks, manifest: Path, categories) -> list[SampleRecord]:
+    """The checked samples of a manifest, read and checked by rank 0 alone (every file of a large manifest
+    is opened) and sent to the others; a bad manifest raises on every rank."""
+    loaded: list[SampleRecord] | str | None = None
+    if ranks.main:
+        try:
+            loaded = load_manifest(manifest, categories)
+        except (FileNotFoundError, ValueError) as exc:
+            loaded = str(exc)
+    loaded = ranks.broadcast(loaded)
+    if isinstance(loaded, str):
+        raise ManifestError(loaded)
+    return loaded
+
+
 def _streams(cfg: SFTConfig, run_dir: Path, objective: StageObjective, ranks: Ranks) -> tuple[dict[str, BatchStream], str]:
     """The stage's batch streams (this rank's share) by name and the one the fixed evaluation batch comes
     from. Refuses a manifest with any bad line, or with samples the stage cannot use."""
@@ -306,7 +321,7 @@ def _streams(cfg: SFTConfig, run_dir: Path, objective: StageObjective, ranks: Ra
         categories = set(data.categories)
         if not categories >= set(SYNTHETIC_CATEGORIES):
             raise ValueError(f"the synthetic data has categories {list(SYNTHETIC_CATEGORIES)}; data.categories {list(data.categories)} lacks some")
-    samples = load_manifest(manifest, data.categories)
+    samples = _load_once(ranks, manifest, data.categories)
     log.info("%d samples from %s", len(samples), manifest)
     seed = cfg.run.seed
     if cfg.stage != "diptych":
@@ -328,7 +343,7 @@ def _streams(cfg: SFTConfig, run_dir: Path, objective: StageObjective, ranks: Ra
         path = folder / "manifest.jsonl"
         pair_seed = key_seed("diptych", seed, pairing) % 2**31
         _build_once(ranks, path, lambda: build_diptych_manifest(singles, manifest.parent, folder, pairing, cfg.diptych.pairs, pair_seed))
-        pairs = load_manifest(path, data.categories)
+        pairs = _load_once(ranks, path, data.categories)
         streams[name] = BatchStream(pairs, folder, data, seed, rank=ranks.rank, world=ranks.world)
         log.info("diptych: %d %s pairs in %s", len(pairs), pairing, path)
     return streams, "same_category"
