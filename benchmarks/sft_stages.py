@@ -21,7 +21,7 @@ import torch
 from policies import FluxPolicy, TinyFluxConfig
 from rl_align.sft import StageObjective, make_optimizer, stage_policy, train_step
 from rl_align.sft_builders import SYNTHETIC_CATEGORIES, build_synthetic_manifest
-from rl_align.sft_config import STAGES, OptimConfig, PositionIdConfig, SFTConfig
+from rl_align.sft_config import STAGES, OptimConfig, SFTConfig
 from rl_align.sft_data import BatchStream, SFTDataConfig
 from rl_align.sft_manifest import load_manifest
 
@@ -56,8 +56,7 @@ def main() -> None:
         batches = [stream.next() for _ in range(args.steps)]
         runs = {}
         for stage in STAGES:
-            base = SFTConfig(stage=stage, data=data, optim=OptimConfig(learning_rate=1e-4),
-                             position_id=PositionIdConfig(condition_categories=SYNTHETIC_CATEGORIES))
+            base = SFTConfig(stage=stage, data=data, optim=OptimConfig(learning_rate=1e-4))
             cfg = dataclasses.replace(base, policy=stage_policy(dataclasses.replace(base.policy, tiny=shape), stage))
             policy = FluxPolicy.from_config(cfg.policy).to(device)
             objective = StageObjective(policy, cfg)

@@ -97,6 +97,10 @@ class PolicyConfig:
     path: str | None = None  # a local diffusers folder (FLUX.1-dev or FLUX.1-Kontext-dev layout)
     tiny: TinyFluxConfig = field(default_factory=TinyFluxConfig)
     position_scheme: PositionScheme = "uno"
+    # condition_id scheme (One-for-All): a reference of category condition_categories[i] gets id i + 1,
+    # in warm-start and RL training alike. The default is the embedded synthetic shapes
+    # (rl_align.synthetic.SHAPES); One-for-All's preset has face, upper garment, lower garment, bag.
+    condition_categories: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     moe_lora: MoELoRAConfig = field(default_factory=MoELoRAConfig)
     dual_branch: DualBranchLoRAConfig = field(default_factory=DualBranchLoRAConfig)

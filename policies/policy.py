@@ -189,6 +189,14 @@ class FluxPolicy(torch.nn.Module):
         t5 = self.tokenizer_2([prompt], max_length=self.t5_max_length, truncation=True, return_offsets_mapping=True)
         return _phrase_token_spans(prompt, item_phrases, [list(o) for o in t5["offset_mapping"][0]])
 
+    def condition_ids(self, categories: Sequence[str]) -> tuple[int, ...]:
+        """One-for-All condition ids of references of these categories (cfg.condition_categories)."""
+        known = self.cfg.condition_categories
+        unknown = sorted(set(categories) - set(known))
+        if unknown:
+            raise ValueError(f"categories {unknown} have no condition id; policy.condition_categories is {list(known)}")
+        return tuple(known.index(c) + 1 for c in categories)
+
     def condition(
         self,
         prompts: PromptEmbeds,

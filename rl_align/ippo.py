@@ -58,13 +58,16 @@ def reference_tensor(subject: ReferenceSubject, size: int) -> torch.Tensor:
 
 def task_conditioning(policy: FluxPolicy, task: Task, cfg: RolloutConfig) -> Conditioning:
     """Encode the task's prompt and references for a target of image_size pixels. With the
-    ``condition_id`` position scheme, each reference's caption is its item phrase and its condition id is
-    its 1-based position in the reference set."""
+    ``condition_id`` position scheme, each reference's caption is its item phrase and its condition id
+    comes from its category (policy.condition_categories, as in warm-start training); a task without
+    categories numbers its references 1, 2, ... instead."""
     captions = [r.caption for r in task.references]
     with_items = policy.cfg.position_scheme == "condition_id"
     prompts = policy.encode_prompts([task.prompt], item_phrases=captions if with_items else None)
     references = [reference_tensor(r, cfg.reference_size) for r in task.references]
-    condition_ids = list(range(1, len(references) + 1)) if with_items else None
+    condition_ids = None
+    if with_items:
+        condition_ids = policy.condition_ids(task.categories) if task.categories else tuple(range(1, len(references) + 1))
     return policy.condition(prompts, references, cfg.image_size, cfg.image_size, condition_ids)
 
 

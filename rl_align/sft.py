@@ -8,7 +8,7 @@ x_t = (1 - t) x0 + t eps, target v = eps - x0, L_diff = mean ||v_theta(x_t, t) -
 | single | none | none (MultiCrafter's single-subject pre-training) |
 | idar | map capture in double blocks | lambda Dice(maps, masks), lambda 0.3 (MultiCrafter Eq. 4-6) |
 | diptych | MUSAR static routing; dual-branch LoRA | none; data curriculum single -> 80/20 -> same category |
-| position_id | Dynamic Attention Modulation; condition-id positions | none (One-for-All) |
+| position_id | Dynamic Attention Modulation; condition-id positions (policy.condition_categories) | none (One-for-All) |
 | routing | prompt routing-map capture | lambda mean ||M - M_gt||^2, lambda 0.1 (AnyStory Eq. 4) |
 
 Samples of a batch share position ids and the token layout; position_id, whose text ids place each item
@@ -132,10 +132,7 @@ class StageObjective:
         self.switches = stage_switches(cfg.stage)
 
     def condition_ids(self, categories: Sequence[str]) -> tuple[int, ...] | None:
-        if self.stage != "position_id":
-            return None
-        known = self.cfg.position_id.condition_categories
-        return tuple(known.index(c) + 1 for c in categories)
+        return self.policy.condition_ids(categories) if self.stage == "position_id" else None
 
     def check_samples(self, samples: Sequence[SampleRecord]) -> list[ManifestProblem]:
         """What the stage needs beyond a valid manifest: captions inside their prompts (phrase stages)
@@ -144,10 +141,10 @@ class StageObjective:
         for sample in samples:
             reasons = []
             if self.stage == "position_id":
-                known = self.cfg.position_id.condition_categories
-                unknown = sorted({s.category for s in sample.subjects} - set(known))
-                if unknown:
-                    reasons.append(f"categories {unknown} have no condition id; position_id.condition_categories is {list(known)}")
+                try:
+                    self.policy.condition_ids([s.category for s in sample.subjects])
+                except ValueError as exc:
+                    reasons.append(str(exc))
             if self.stage in PHRASE_STAGES:
                 try:
                     self.policy.item_spans(sample.prompt, [s.caption for s in sample.subjects])

@@ -78,16 +78,6 @@ class DiptychConfig:
 
 
 @dataclass(frozen=True)
-class PositionIdConfig:
-    """One-for-All: the category condition ids (id = position in this list + 1; the paper's face 1,
-    upper garment 2, lower garment 3, bag 4), item-description tokens at their reference's centroid and
-    Dynamic Attention Modulation. The stage switches the policy to position_scheme=condition_id with the
-    temperature MLP."""
-
-    condition_categories: tuple[str, ...] = ("face", "upper garment", "lower garment", "bag")
-
-
-@dataclass(frozen=True)
 class RoutingConfig:
     """AnyStory's instance-aware routing regularization (Eq. 4) on the prompt router's maps."""
 
@@ -137,7 +127,6 @@ class SFTConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     idar: IdarConfig = field(default_factory=IdarConfig)
     diptych: DiptychConfig = field(default_factory=DiptychConfig)
-    position_id: PositionIdConfig = field(default_factory=PositionIdConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     output: SFTOutputConfig = field(default_factory=SFTOutputConfig)

@@ -3,7 +3,9 @@
 Two sources behind one interface, both deterministic in (seed, iteration, group):
 - ``SyntheticShapeTasks``: coloured-shape subjects made offline (rl_align.synthetic), for the quickstart;
 - ``ManifestTasks``: a JSON Lines manifest, one task per line, image paths relative to the manifest:
-  {"prompt": "two friends at a cafe", "references": [{"image": "refs/anna.png", "kind": "face", "caption": "a woman"}, ...]}
+  {"prompt": "two friends at a cafe", "references": [{"image": "refs/anna.png", "kind": "face", "caption": "a woman",
+   "category": "face"}, ...]}
+  ("category" is optional: it picks the reference's condition id under the condition_id position scheme)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from samplers.noise import key_seed
 class Task:
     prompt: str
     references: tuple[ReferenceSubject, ...]
+    categories: tuple[str, ...] | None = None  # one per reference when known (condition ids)
 
 
 class TaskSource(Protocol):
@@ -55,7 +58,7 @@ class SyntheticShapeTasks:
         count = int(rng.integers(self.cfg.min_subjects, self.cfg.max_subjects + 1))
         subjects = sample_subjects(rng, count)
         references = tuple(ReferenceSubject(render_reference(s, self.cfg.reference_size), "object", s.caption) for s in subjects)
-        return Task(scene_prompt(subjects), references)
+        return Task(scene_prompt(subjects), references, tuple(s.shape for s in subjects))
 
 
 class ManifestError(ValueError):
@@ -84,7 +87,7 @@ class ManifestTasks:
         references = record.get("references", [])
         if not isinstance(references, list):
             raise ManifestError(f"{where}: 'references' must be a list")
-        subjects = []
+        subjects, categories = [], []
         for i, ref in enumerate(references):
             field = f"{where}: references[{i}]"
             if not isinstance(ref, dict) or not isinstance(ref.get("image"), str):
@@ -99,7 +102,13 @@ class ManifestTasks:
             except OSError as exc:
                 raise ManifestError(f"{field}.image: cannot read {image_path} as an image ({exc})") from None
             subjects.append(ReferenceSubject(image, ref["kind"], str(ref.get("caption", ""))))
-        return Task(record["prompt"], tuple(subjects))
+            category = ref.get("category")
+            if category is not None and not isinstance(category, str):
+                raise ManifestError(f"{field}.category: expected a string, got {category!r}")
+            categories.append(category)
+        if any(c is None for c in categories) and any(c is not None for c in categories):
+            raise ManifestError(f"{where}: give every reference a 'category' or none")
+        return Task(record["prompt"], tuple(subjects), tuple(categories) if categories and categories[0] is not None else None)
 
     def task(self, iteration: int, group: int) -> Task:
         return self.tasks[key_seed("task", self.seed, iteration, group) % len(self.tasks)]

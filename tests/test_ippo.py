@@ -3,6 +3,8 @@ adapter transport between policy copies."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -114,3 +116,20 @@ def test_frozen_gates_travel_with_the_adapters():
         expected = learner.velocity_fn(task_conditioning(learner, tasks, ROLLOUT))(x, sigma)
         got = worker.velocity_fn(task_conditioning(worker, tasks, ROLLOUT))(x, sigma)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_condition_ids_come_from_categories_as_in_warm_start(task):
+    """Under condition_id, RL places each reference by its category (policy.condition_categories), the
+    mapping the position_id warm-start stage trained with; a task without categories numbers them."""
+    policy = FluxPolicy.from_config(PolicyConfig(position_scheme="condition_id", condition_categories=("circle", "square", "triangle", "diamond")))
+    categorized = task_conditioning(policy, task, ROLLOUT)
+    expected = policy.condition(
+        policy.encode_prompts([task.prompt], item_phrases=[r.caption for r in task.references]),
+        [torch.zeros(1, 3, 16, 16)] * 2, 32, 32, policy.condition_ids(task.categories),
+    )
+    assert torch.equal(categorized.img_ids, expected.img_ids) and torch.equal(categorized.txt_ids, expected.txt_ids)
+    assert policy.condition_ids(task.categories) == (4, 1)  # a diamond and a circle
+    numbered = task_conditioning(policy, dataclasses.replace(task, categories=None), ROLLOUT)  # ids 1, 2
+    assert not torch.equal(numbered.img_ids, categorized.img_ids)
+    with pytest.raises(ValueError, match="have no condition id"):
+        task_conditioning(policy, dataclasses.replace(task, categories=("hexagon", "circle")), ROLLOUT)

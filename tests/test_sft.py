@@ -23,7 +23,7 @@ from rl_align.sft import (
     stage_policy,
     train_step,
 )
-from rl_align.sft_builders import build_synthetic_manifest
+from rl_align.sft_builders import SYNTHETIC_CATEGORIES, build_synthetic_manifest
 from rl_align.sft_config import STAGES, DiptychConfig, OptimConfig, SFTConfig, TimestepConfig
 from rl_align.sft_data import BatchStream, SFTDataConfig, bucket_size, subject_count_limit
 from rl_align.sft_manifest import SampleRecord, load_manifest, write_manifest
@@ -91,6 +91,10 @@ def test_diptych_curriculum_phases():
     assert abs(mixed.count("single") / len(mixed) - 0.2) < 0.04
     assert {diptych_source(s, cfg, 0) for s in range(1100, 1200)} == {"same_category"}
     assert mixed == [diptych_source(s, cfg, 0) for s in range(100, 1100)]  # seeded: a resumed run agrees
+
+
+def test_default_condition_categories_are_the_synthetic_shapes():
+    assert SFTConfig().policy.condition_categories == SYNTHETIC_CATEGORIES
 
 
 def test_stage_policies():
@@ -200,10 +204,7 @@ def test_curriculum_keeps_a_subset_of_at_most_k_subjects_in_order(synthetic):
 
 
 def _config(stage: str, **changes) -> SFTConfig:
-    defaults = {
-        "optim": OptimConfig(learning_rate=1e-2),
-        "position_id": dataclasses.replace(SFTConfig().position_id, condition_categories=("circle", "square", "triangle", "diamond")),
-    }
+    defaults = {"optim": OptimConfig(learning_rate=1e-2)}
     cfg = SFTConfig(stage=stage, data=DATA, **{**defaults, **changes})
     return dataclasses.replace(cfg, policy=stage_policy(cfg.policy, stage))
 
@@ -290,7 +291,7 @@ def test_phrase_stages_give_the_per_sample_mean(stage, synthetic):
 
 def test_stage_checks_name_the_lines_it_cannot_use(synthetic):
     path, samples = synthetic
-    cfg = _config("position_id", position_id=dataclasses.replace(SFTConfig().position_id, condition_categories=("circle",)))
+    cfg = _config("position_id", policy=dataclasses.replace(SFTConfig().policy, condition_categories=("circle",)))
     policy = FluxPolicy.from_config(cfg.policy)
     problems = StageObjective(policy, cfg).check_samples(samples)
     assert problems and all("have no condition id" in p.reason for p in problems)
@@ -329,7 +330,7 @@ def test_paper_presets_carry_the_paper_settings():
     assert coco.curriculum.enabled and (coco.curriculum.min_subjects, coco.curriculum.max_subjects, coco.curriculum.gamma) == (2, 5, 1.0)
     assert (coco.optim.learning_rate, coco.optim.second_learning_rate, coco.optim.first_stage_fraction) == (1e-4, 5e-5, 0.7)
     ofa = load_config(SFTConfig, folder / "one_for_all_position_id.yaml")
-    assert ofa.position_id.condition_categories == ("face", "upper garment", "lower garment", "bag")
+    assert ofa.policy.condition_categories == ("face", "upper garment", "lower garment", "bag")
     assert ofa.optim.learning_rate == 5e-6
 
 

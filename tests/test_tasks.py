@@ -20,8 +20,9 @@ def test_synthetic_tasks_are_keyed_by_seed_iteration_group():
     assert len(prompts) > 20  # groups and iterations get different tasks
     counts = {len(source.task(it, 0).references) for it in range(30)}
     assert counts == {1, 2, 3}
-    for ref in a.references:
+    for ref, category in zip(a.references, a.categories):
         assert ref.image.shape == (32, 32, 3) and ref.kind == "object" and ref.caption in a.prompt
+        assert ref.caption.endswith(category)  # the shape is the category
 
 
 def _write(tmp_path, lines):
@@ -54,6 +55,19 @@ def test_bad_manifest_lines_name_file_and_line(tmp_path, line, message):
     path = _write(tmp_path, [json.dumps({"prompt": "fine"}), line])
     with pytest.raises(ManifestError, match=message):
         ManifestTasks(path, seed=0)
+
+
+def test_manifest_categories_are_optional_but_all_or_none(tmp_path):
+    ref = {"image": "ref.png", "kind": "face", "caption": "a woman"}
+    lines = [
+        json.dumps({"prompt": "a woman and a bag", "references": [{**ref, "category": "face"}, {**ref, "category": "bag", "caption": "a bag"}]}),
+        json.dumps({"prompt": "a woman", "references": [ref]}),
+    ]
+    tasks = ManifestTasks(_write(tmp_path, lines), seed=0).tasks
+    assert tasks[0].categories == ("face", "bag") and tasks[1].categories is None
+    mixed = json.dumps({"prompt": "p", "references": [{**ref, "category": "face"}, ref]})
+    with pytest.raises(ManifestError, match="tasks.jsonl:1: give every reference a 'category' or none"):
+        ManifestTasks(_write(tmp_path, [mixed]), seed=0)
 
 
 def test_manifest_config_needs_a_path():
