@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make train   runs the main job (IPPO/GSPO) on the embedded default: tiny model, CPU, offline
-#   make test    runs the test suite (what CI runs through .ci/run)
+#   make test    checks the import contracts and lints (pyproject.toml), then runs the test suite
+#                (what CI runs through .ci/run)
 # Both create the virtual environment in $(VENV) when it is missing or out of date.
 PYTHON ?= python3
 VENV ?= .venv
@@ -24,9 +25,11 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 train: $(STAMP)
-	$(PY) scripts/train_gspo.py --config configs/quickstart.yaml $(ARGS)
+	$(PY) scripts/train_gspo.py $(ARGS)
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(ARGS)
 
 bench: $(STAMP)

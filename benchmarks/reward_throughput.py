@@ -31,7 +31,7 @@ from rewards import (  # noqa: E402
 )
 from rewards.client import RewardClient  # noqa: E402
 from rewards.server import create_app, reward_info, running_server  # noqa: E402
-from rl_align.config import load_config  # noqa: E402
+from rl_align.core.config import load_config  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "rewards"
 

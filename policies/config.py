@@ -99,7 +99,7 @@ class PolicyConfig:
     position_scheme: PositionScheme = "uno"
     # condition_id scheme (One-for-All): a reference of category condition_categories[i] gets id i + 1,
     # in warm-start and RL training alike. The default is the embedded synthetic shapes
-    # (rl_align.synthetic.SHAPES); One-for-All's preset has face, upper garment, lower garment, bag.
+    # (rl_align.core.synthetic.SHAPES); One-for-All's preset has face, upper garment, lower garment, bag.
     condition_categories: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     moe_lora: MoELoRAConfig = field(default_factory=MoELoRAConfig)

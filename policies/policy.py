@@ -35,6 +35,7 @@ from policies.ids import GridSize, grid_ids, pack_latents, reference_ids, text_i
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default name: load_lora_weights(folder) finds it
 CUSTOM_WEIGHTS_FILE = "policy_adapters.safetensors"
+LORA_KEY_PREFIX = "transformer."  # diffusers' LoRA files name the transformer's keys so
 ADAPTER_FORMAT = "rl-align-policy-adapters/1"
 
 
@@ -315,21 +316,49 @@ class FluxPolicy(torch.nn.Module):
             "attention_temperature": self.cfg.attention.temperature,
         }
 
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """Every adapter tensor, trainable or frozen (a frozen MoE gate from warm-start adapters too),
+        detached copies on the CPU, named as in save_adapters' files: plain LoRA as in diffusers' LoRA file
+        (``transformer.`` + peft's name), the others as in policy_adapters.safetensors. The one format of
+        adapter files, checkpoints and the weights rollout workers receive after each update."""
+        state = {}
+        if self.cfg.lora.enabled:
+            lora = get_peft_model_state_dict(self.transformer, adapter_name=PEFT_ADAPTER_NAME)
+            state.update({f"{LORA_KEY_PREFIX}{name}": tensor for name, tensor in lora.items()})
+        state.update(custom_adapter_state(self.transformer))
+        return {name: tensor.detach().cpu().clone() for name, tensor in state.items()}
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor], source: str = "adapter state") -> None:
+        """Copy ``adapter_state()`` output (of a policy with the same adapter config) into this policy."""
+        lora_names = {f"{LORA_KEY_PREFIX}{name}" for name in get_peft_model_state_dict(self.transformer, adapter_name=PEFT_ADAPTER_NAME)} if self.cfg.lora.enabled else set()
+        custom = custom_adapter_state(self.transformer)
+        expected = lora_names | set(custom)
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ValueError(f"{source} does not fit this policy: missing {missing[:3]}, unexpected {extra[:3]}")
+        if lora_names:
+            lora = {name.removeprefix(LORA_KEY_PREFIX): state[name] for name in lora_names}
+            set_peft_model_state_dict(self.transformer, lora, adapter_name=PEFT_ADAPTER_NAME)
+        with torch.no_grad():
+            for name, tensor in custom.items():
+                tensor.copy_(state[name].to(tensor.device, tensor.dtype))
+
     def save_adapters(self, folder: str | Path) -> None:
         """Write the adapters: plain LoRA in diffusers' format (FluxPipeline.load_lora_weights(folder)
         reads it), the other adapters to policy_adapters.safetensors, and adapter_config.json."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        state = self.adapter_state()
         if self.cfg.lora.enabled:
             FluxPipeline.save_lora_weights(
                 folder,
-                transformer_lora_layers=get_peft_model_state_dict(self.transformer, adapter_name=PEFT_ADAPTER_NAME),
+                transformer_lora_layers={k.removeprefix(LORA_KEY_PREFIX): v for k, v in state.items() if k.startswith(LORA_KEY_PREFIX)},
                 weight_name=LORA_WEIGHTS_FILE,
                 transformer_lora_adapter_metadata=self.transformer.peft_config[PEFT_ADAPTER_NAME].to_dict(),
             )
-        custom = custom_adapter_state(self.transformer)
+        custom = {k: v.contiguous() for k, v in state.items() if not k.startswith(LORA_KEY_PREFIX)}
         if custom:
-            save_file({k: v.detach().contiguous().cpu() for k, v in custom.items()}, str(folder / CUSTOM_WEIGHTS_FILE))
+            save_file(custom, str(folder / CUSTOM_WEIGHTS_FILE))
         (folder / ADAPTER_CONFIG_FILE).write_text(json.dumps(self._adapter_description(), indent=2, default=list))
 
     def load_adapters(self, folder: str | Path) -> None:
@@ -343,25 +372,11 @@ class FluxPolicy(torch.nn.Module):
         for key in expected:
             if saved.get(key) != expected[key]:
                 raise ValueError(f"{config_file}: '{key}' is {saved.get(key)!r} but this policy has {expected[key]!r}")
-        if self.cfg.lora.enabled:
-            state = load_file(str(folder / LORA_WEIGHTS_FILE))
-            state = {k.removeprefix("transformer."): v for k, v in state.items()}
-            result = set_peft_model_state_dict(self.transformer, state, adapter_name=PEFT_ADAPTER_NAME)
-            missing = [k for k in result.missing_keys if "lora_" in k and f".{PEFT_ADAPTER_NAME}." in k]
-            if result.unexpected_keys or missing:
-                raise ValueError(
-                    f"{folder / LORA_WEIGHTS_FILE} does not fit this policy's LoRA: "
-                    f"unexpected {result.unexpected_keys[:5]}, missing {missing[:5]}"
-                )
-        custom = custom_adapter_state(self.transformer)
-        if custom:
-            stored = load_file(str(folder / CUSTOM_WEIGHTS_FILE))
-            missing = sorted(set(custom) - set(stored))
-            if missing:
-                raise ValueError(f"{folder / CUSTOM_WEIGHTS_FILE} lacks {missing[:5]}")
-            with torch.no_grad():
-                for key, tensor in custom.items():
-                    tensor.copy_(stored[key])
+        state = {}
+        for name in (LORA_WEIGHTS_FILE, CUSTOM_WEIGHTS_FILE):
+            if (folder / name).is_file():
+                state.update(load_file(str(folder / name)))
+        self.load_adapter_state(state, source=f"the adapter files in {folder}")
 
 
 def _expand_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Reward settings as frozen dataclasses (stdlib only; ``rl_align.config.load_config`` reads them from
+"""Reward settings as frozen dataclasses (stdlib only; ``rl_align.core.config.load_config`` reads them from
 YAML and ``key=value`` overrides). Every model loads from a local path named here; nothing downloads.
 
 Components and their weights (MultiCrafter Eq. 9: R = w_text R_clip + w_aes R_hps + w_id R_id):

@@ -1,20 +1,11 @@
-"""rl-align: online RL (IPPO: mixed ODE/SDE rollouts, GSPO) for multi-subject FLUX image generators."""
+"""rl-align: online RL (IPPO: mixed ODE/SDE rollouts, GSPO) and supervised warm-start trainers for
+multi-subject FLUX image generators.
 
-from rl_align.advantages import group_advantages, weighted_component_advantages
-from rl_align.config import ConfigError, apply_overrides, load_config, save_config, to_dict
-from rl_align.losses import PolicyLoss, gaussian_mean_kl, grpo_step_objective, gspo_loss, gspo_objective
+- ``rl_align.core``: config loader, run folders, checkpoints, tracking, distributed communication, the
+  shared optimizer step, synthetic data (no Ray);
+- ``rl_align.ippo``: IPPO (advantages, GSPO/GRPO losses, tasks, rollout, learner, Ray actors, ``train``);
+- ``rl_align.sft``: the warm-start stages (stage registry, data, manifests, builders, ``train``).
 
-__all__ = [
-    "ConfigError",
-    "PolicyLoss",
-    "apply_overrides",
-    "gaussian_mean_kl",
-    "group_advantages",
-    "grpo_step_objective",
-    "gspo_loss",
-    "gspo_objective",
-    "load_config",
-    "save_config",
-    "to_dict",
-    "weighted_component_advantages",
-]
+Importing the package imports nothing heavy: the reward server reads its config through
+``rl_align.core.config`` without torch.
+"""

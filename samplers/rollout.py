@@ -4,7 +4,8 @@ All samples of a group start from the same initial noise; inside the SDE window 
 keyed noise, which is what makes them differ. Steps outside the window are deterministic ODE steps run
 under ``torch.no_grad``; after the window the ODE tail may use DPM-Solver++(2M) on a compressed schedule
 (MixGRPO-Flash). For the window steps the rollout returns what the learner needs to recompute the
-log-probs: (step index, sigma, sigma_next, x_t, x_next, log_prob).
+log-probs: (step index, sigma, sigma_next, x_t, x_next, log_prob) and the step's eta and reduction, so a
+recomputation cannot use other settings than the sampling did.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from samplers.noise import group_noise, sde_noise
 from samplers.schedule import compress_schedule
-from samplers.steps import Reduce, dpmpp_2m_step, euler_step, sde_step_with_logprob
+from samplers.steps import Reduce, SDEStep, dpmpp_2m_step, euler_step, sde_step_with_logprob
 
 # velocity(x_t (B, ...) fp32, sigma (B,) fp32) -> v (B, ...): the model with its conditioning bound.
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -41,6 +42,13 @@ class WindowTransition(NamedTuple):
     x_t: torch.Tensor  # (B, ...) fp32, detached
     x_next: torch.Tensor  # (B, ...) fp32, detached
     log_prob: torch.Tensor  # (B,) fp32 (carries a graph only if the caller enabled grad)
+    eta: float  # the SDE noise level the step was sampled with
+    reduce: Reduce  # how log_prob was reduced over the latent dims
+
+    def recompute(self, v: torch.Tensor) -> SDEStep:
+        """The SDE step from x_t with velocity ``v`` (B, ...), evaluated at the stored x_next: its log_prob
+        equals the sampling one for the same v (the ratio-equals-1 property)."""
+        return sde_step_with_logprob(self.x_t, v, self.sigma, self.sigma_next, self.eta, reduce=self.reduce, prev_sample=self.x_next)
 
 
 class Rollout(NamedTuple):
@@ -88,7 +96,7 @@ def mixed_rollout(
             v = velocity(x, _batch_sigma(sigma, x))
             noise = sde_noise(key.seed, key.iteration, key.group, sample_ids, i, latent_shape, x.device)
             step = sde_step_with_logprob(x, v, sigma, sigma_next, eta, noise=noise, reduce=reduce)
-            transitions.append(WindowTransition(i, sigma, sigma_next, x.detach(), step.x_next, step.log_prob))
+            transitions.append(WindowTransition(i, sigma, sigma_next, x.detach(), step.x_next, step.log_prob, eta, reduce))
             x = step.x_next
         else:
             with torch.no_grad():

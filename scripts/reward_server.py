@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rewards.config import RewardConfig  # noqa: E402
-from rl_align.config import ConfigError, apply_overrides, load_config  # noqa: E402
+from rl_align.core.config import ConfigError, apply_overrides, load_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rl_align.advantages import group_advantages, weighted_component_advantages
+from rl_align.ippo.advantages import group_advantages, weighted_component_advantages
 
 
 def _reference(rewards, groups, eps, clip):

@@ -7,9 +7,9 @@ from typing import Literal
 
 import pytest
 
-from rl_align.config import ConfigError, apply_overrides, load_config, save_config
-from rl_align.runs import RunConfig, create_run_dir
-from rl_align.train_config import GSPOTrainConfig
+from rl_align.core.config import ConfigError, apply_overrides, load_config, save_config
+from rl_align.core.runs import RunConfig, create_run_dir
+from rl_align.ippo.config import GSPOTrainConfig
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,14 @@ import pytest
 import torch
 
 from policies import FluxPolicy, MoELoRAConfig, PolicyConfig
-from rl_align.ippo import ReferenceVelocity, RolloutConfig, adapter_state, load_adapter_state, rollout_chunk, task_conditioning
-from rl_align.learner import GroupTransitions, LearnerConfig, make_optimizer, policy_update
-from rl_align.tasks import SyntheticShapeTasks, TaskConfig
+from rl_align.core.config import load_config
+from rl_align.core.optim import make_optimizer
+from rl_align.ippo.config import GSPOTrainConfig
+from rl_align.ippo.learner import GroupTransitions, LearnerConfig, policy_update
+from rl_align.ippo.rollout import ReferenceVelocity, RolloutConfig, rollout_chunk, task_conditioning
+from rl_align.ippo.trainer import run_iteration
+from rl_align.ippo.workers import LocalWorkers
+from rl_align.ippo.tasks import SyntheticShapeTasks, TaskConfig, build_task_source
 from samplers import GroupKey, SamplerConfig
 
 SAMPLER = SamplerConfig(num_steps=6, window_size=2)
@@ -41,7 +46,7 @@ def test_learner_log_probs_equal_the_rollout_before_the_first_update(policy, tas
     chunk = rollout_chunk(policy, task, GroupKey(0, 0, 0), (0, 1), [0, 1], SAMPLER, ROLLOUT)
     velocity = policy.velocity_fn(task_conditioning(policy, task, ROLLOUT))
     optimizer = make_optimizer(policy.trainable_parameters(), LearnerConfig())
-    stats = policy_update([GroupTransitions(0, chunk.transitions, torch.tensor([1.0, -1.0]))], lambda g: velocity, optimizer, LearnerConfig(), SAMPLER.eta)
+    stats = policy_update([GroupTransitions(0, chunk.transitions, torch.tensor([1.0, -1.0]))], lambda g: velocity, optimizer, LearnerConfig())
     assert stats.ratio_mean == pytest.approx(1.0, abs=1e-6)
     assert stats.clip_fraction == 0.0
 
@@ -50,26 +55,26 @@ def test_update_changes_only_adapters_and_transports(task):
     torch.manual_seed(0)
     learner_policy, worker_policy = FluxPolicy.from_config(PolicyConfig()), FluxPolicy.from_config(PolicyConfig())
     frozen_before = {n: p.detach().clone() for n, p in learner_policy.named_parameters() if not p.requires_grad}
-    adapters_before = adapter_state(learner_policy)
+    adapters_before = learner_policy.adapter_state()
     chunk = rollout_chunk(worker_policy, task, GroupKey(0, 0, 0), (0, 1, 2, 3), [0, 1], SAMPLER, ROLLOUT)
     velocity = learner_policy.velocity_fn(task_conditioning(learner_policy, task, ROLLOUT))
     cfg = LearnerConfig(learning_rate=1e-2)
-    stats = policy_update([GroupTransitions(0, chunk.transitions, torch.tensor([1.5, -0.5, 0.5, -1.5]))], lambda g: velocity, make_optimizer(learner_policy.trainable_parameters(), cfg), cfg, SAMPLER.eta)
+    stats = policy_update([GroupTransitions(0, chunk.transitions, torch.tensor([1.5, -0.5, 0.5, -1.5]))], lambda g: velocity, make_optimizer(learner_policy.trainable_parameters(), cfg), cfg)
     assert not stats.skipped
     for name, p in learner_policy.named_parameters():
         if not p.requires_grad:
             assert torch.equal(p, frozen_before[name]), name
-    after = adapter_state(learner_policy)
+    after = learner_policy.adapter_state()
     assert any(not torch.equal(after[k], adapters_before[k]) for k in after)
 
-    load_adapter_state(worker_policy, after)  # what rollout workers receive after each update
+    worker_policy.load_adapter_state(after)  # what rollout workers receive after each update
     conditioning = task_conditioning(worker_policy, task, ROLLOUT)
     x = torch.randn(2, *worker_policy.latent_shape(32, 32), generator=torch.Generator().manual_seed(1))
     sigma = torch.full((2,), 0.5)
     with torch.no_grad():
         torch.testing.assert_close(worker_policy.velocity_fn(conditioning)(x, sigma), velocity(x, sigma), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="does not fit"):
-        load_adapter_state(worker_policy, {"nope": torch.zeros(1)})
+        worker_policy.load_adapter_state({"nope": torch.zeros(1)})
 
 
 def test_kl_to_the_adapters_off_reference(task):
@@ -91,7 +96,7 @@ def test_kl_to_the_adapters_off_reference(task):
     cfg = LearnerConfig(learning_rate=3e-2, kl_beta=1.0)
     optimizer = make_optimizer(policy.trainable_parameters(), cfg)
     kls = [
-        policy_update(items, lambda g: policy.velocity_fn(conditioning), optimizer, cfg, SAMPLER.eta, reference_of=lambda g: ReferenceVelocity(policy, conditioning)).kl
+        policy_update(items, lambda g: policy.velocity_fn(conditioning), optimizer, cfg, reference_of=lambda g: ReferenceVelocity(policy, conditioning)).kl
         for _ in range(3)
     ]
     assert kls[0] == 0.0 and kls[-1] > 0.0  # the adapters moved away from the reference
@@ -106,9 +111,9 @@ def test_frozen_gates_travel_with_the_adapters():
         for name, p in learner.named_parameters():
             if "gate" in name or "lora_B" in name:
                 p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
-    state = adapter_state(learner)
+    state = learner.adapter_state()
     assert any("gate" in name for name in state)
-    load_adapter_state(worker, state)
+    worker.load_adapter_state(state)
     x = torch.randn(1, *worker.latent_shape(32, 32), generator=torch.Generator().manual_seed(3))
     sigma = torch.tensor([0.6])
     tasks = SyntheticShapeTasks(TaskConfig(reference_size=16), seed=0).task(0, 0)
@@ -133,3 +138,33 @@ def test_condition_ids_come_from_categories_as_in_warm_start(task):
     assert not torch.equal(numbered.img_ids, categorized.img_ids)
     with pytest.raises(ValueError, match="have no condition id"):
         task_conditioning(policy, dataclasses.replace(task, categories=("hexagon", "circle")), ROLLOUT)
+
+
+def test_trainer_phases_in_process():
+    """One run_iteration of the trainer on LocalWorkers: rewards in chunk order with their groups, the
+    on-policy first step, a driver that fetched only scores and statistics, and the next iteration's
+    rollouts on the updated adapters."""
+    cfg = load_config(GSPOTrainConfig, None, [
+        "sampler.num_steps=6", "rollout.image_size=32", "rollout.reference_size=16", "rollout.group_size=4", "rollout.chunk_size=2",
+        "tasks.reference_size=16", "learner.learning_rate=1e-2",
+    ])
+    torch.manual_seed(0)
+    workers = LocalWorkers(cfg)
+    tasks = build_task_source(cfg.tasks, cfg.run.seed)
+    first = run_iteration(workers, cfg, tasks, 0, 0, workers.adapters())
+    assert [(c.group, c.sample_ids) for c in first.launch.chunks] == [(0, (0, 1)), (0, (2, 3)), (1, (0, 1)), (1, (2, 3))]
+    assert first.rewards.group_ids.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    for g, task in enumerate(first.launch.tasks):  # each group's images scored against its own task
+        images = np.concatenate([c.images for c in first.launch.chunks if c.group == g])
+        expected = workers.reward_runner.score(images, task).rewards
+        np.testing.assert_allclose(first.rewards.rewards[4 * g : 4 * g + 4].numpy(), expected, rtol=1e-6)
+    assert first.stats.ratio_mean == pytest.approx(1.0, abs=1e-6) and not first.stats.skipped
+    assert 0 < workers.fetched_bytes < 2048  # 8 rewards and components, one UpdateStats
+
+    second = run_iteration(workers, cfg, tasks, 1, 1, first.adapters)
+    assert workers.rollout_runner.version == 1
+    learner_state, rollout_state = workers.learner.policy.adapter_state(), workers.rollout_runner.policy.adapter_state()
+    assert any(not torch.equal(learner_state[k], rollout_state[k]) for k in learner_state)  # the learner stepped again
+    for name, value in first.adapters.items():
+        assert torch.equal(rollout_state[name], value), name  # iteration 1 rolled out with iteration 0's update
+    assert second.stats.ratio_mean == pytest.approx(1.0, abs=1e-6)

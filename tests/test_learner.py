@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from gaussian_flow import GaussianFlow
-from rl_align.advantages import group_advantages
-from rl_align.learner import GroupTransitions, LearnerConfig, make_optimizer, policy_update
+from rl_align.ippo.advantages import group_advantages
+from rl_align.core.optim import make_optimizer
+from rl_align.ippo.learner import GroupTransitions, LearnerConfig, policy_update
 from samplers import GroupKey, flux_sigmas, mixed_rollout
 
 SIGMAS = flux_sigmas(8)
@@ -44,7 +45,7 @@ def test_first_update_is_on_policy_and_only_adapters_change():
     policy = ToyPolicy()
     chunks, _ = rollout_chunks(policy, 0)
     opt = make_optimizer([policy.adapter], LearnerConfig(learning_rate=1e-2))
-    stats = policy_update(chunks, lambda g: policy, opt, LearnerConfig(), eta=0.9)
+    stats = policy_update(chunks, lambda g: policy, opt, LearnerConfig())
     assert stats.ratio_mean == pytest.approx(1.0, abs=1e-6) and stats.clip_fraction == 0.0 and not stats.skipped
     assert policy.base_scale.item() == 1.0 and policy.adapter.abs().sum() > 0
 
@@ -55,8 +56,8 @@ def test_non_finite_loss_skips_the_step(caplog):
     opt = make_optimizer([policy.adapter], LearnerConfig())
     with torch.no_grad():
         policy.base_scale.fill_(float("nan"))
-    stats = policy_update(chunks, lambda g: policy, opt, LearnerConfig(), eta=0.9)
-    assert stats.skipped and "skipping this update" in caplog.text
+    stats = policy_update(chunks, lambda g: policy, opt, LearnerConfig())
+    assert stats.skipped and "non-finite loss (policy update): step skipped" in caplog.text
     assert torch.equal(policy.adapter, torch.zeros(SHAPE))
 
 
@@ -65,7 +66,7 @@ def test_gradients_are_clipped():
     chunks, _ = rollout_chunks(policy, 0)
     cfg = LearnerConfig(max_grad_norm=1e-3)
     opt = torch.optim.SGD([policy.adapter], lr=1.0)
-    stats = policy_update(chunks, lambda g: policy, opt, cfg, eta=0.9)
+    stats = policy_update(chunks, lambda g: policy, opt, cfg)
     assert stats.grad_norm > 1e-3  # the raw norm is reported...
     assert float(policy.adapter.detach().norm()) == pytest.approx(1e-3, rel=1e-4)  # ...the step used the clipped one
 
@@ -75,9 +76,9 @@ def test_kl_to_the_reference_policy():
     chunks, _ = rollout_chunks(policy, 0)
     cfg = LearnerConfig(learning_rate=0.1, kl_beta=1.0)
     opt = make_optimizer([policy.adapter], cfg)
-    first = policy_update(chunks, lambda g: policy, opt, cfg, eta=0.9, reference_of=lambda g: reference)
+    first = policy_update(chunks, lambda g: policy, opt, cfg, reference_of=lambda g: reference)
     assert first.kl == 0.0  # identical to the reference before the first step
-    second = policy_update(chunks, lambda g: policy, opt, cfg, eta=0.9, reference_of=lambda g: reference)
+    second = policy_update(chunks, lambda g: policy, opt, cfg, reference_of=lambda g: reference)
     assert second.kl > 0
 
 
@@ -93,6 +94,6 @@ def test_rewards_rise(algorithm):
         curve.append(float(rewards.mean()))
         # Two steps per rollout: the second is off-policy, where the ratio and its clipping act.
         for _ in range(2):
-            clip_fractions.append(policy_update(chunks, lambda g: policy, opt, cfg, eta=0.9).clip_fraction)
+            clip_fractions.append(policy_update(chunks, lambda g: policy, opt, cfg).clip_fraction)
     assert sum(curve[-8:]) / 8 > sum(curve[:8]) / 8 + 0.3
     assert max(clip_fractions[1::2]) > 0 and max(clip_fractions[0::2]) == 0

@@ -10,8 +10,8 @@ import torch
 from accelerate import Accelerator
 from trl import GRPOTrainer
 
-from rl_align import gspo_loss
-from rl_align.losses import gaussian_mean_kl, grpo_step_objective, gspo_objective
+from rl_align.ippo.losses import gspo_loss
+from rl_align.ippo.losses import gaussian_mean_kl, grpo_step_objective, gspo_objective
 
 
 def trl_reference_loss(logp_new, logp_old, advantages, clip_low, clip_high, level):

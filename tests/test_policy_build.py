@@ -12,7 +12,7 @@ import torch
 
 from policies import AttentionSwitches, FluxPolicy, PolicyConfig, TinyFluxConfig, dice_loss, load_local_components, save_components
 from policies.components import PixelShuffleCodec, build_tiny_components, clip_tokenizer_from_open_clip, tiny_t5_tokenizer
-from rl_align.config import apply_overrides, load_config
+from rl_align.core.config import apply_overrides, load_config
 from policy_helpers import HEIGHT, WIDTH, conditioning, latents, randomize_adapters, references, tiny_policy
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "policy"

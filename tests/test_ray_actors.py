@@ -1,5 +1,6 @@
 """The Ray actors on a local cluster: a rollout worker that dies is restarted and its call retried with
-the current weights; data-parallel learners (gloo) take the same step as one learner."""
+the current weights; data-parallel learners (gloo) take the same step as one learner; rollout outputs go
+from worker to worker by reference."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import torch
 from policies import PolicyConfig
 from rewards import RewardConfig
 from rewards.config import WeightsConfig
-from rl_align.actors import Learner, RewardWorker, RolloutWorker, actor_options
-from rl_align.ippo import RolloutConfig
-from rl_align.learner import LearnerConfig
-from rl_align.tasks import SyntheticShapeTasks, TaskConfig
-from rl_align.train_config import WorkerConfig
+from rl_align.ippo.actors import Learner, RewardWorker, RolloutWorker, actor_options
+from rl_align.ippo.rollout import RolloutConfig
+from rl_align.ippo.learner import LearnerConfig
+from rl_align.ippo.tasks import SyntheticShapeTasks, TaskConfig
+from rl_align.ippo.config import WorkerConfig
 from samplers import GroupKey, SamplerConfig
 
 pytestmark = pytest.mark.slow
@@ -37,39 +38,39 @@ def cluster():
 def test_dead_rollout_worker_is_restarted_and_the_call_retried(cluster):
     options = actor_options(WorkerConfig(max_restarts=2), gpus=0.0)
     worker = RolloutWorker.options(**options).remote(PolicyConfig(), SAMPLER, ROLLOUT, 1, 0.0)
-    learner = Learner.remote(PolicyConfig(), LearnerConfig(), SAMPLER, ROLLOUT, 1, 0.0)
+    learner = Learner.remote(PolicyConfig(), LearnerConfig(), ROLLOUT, 1, 0.0)
     weights = ray.get(learner.adapter_state.remote())
     for value in weights.values():
         value.add_(0.05)  # weights that differ from a fresh worker's
     adapters = ray.put(weights)
     task = TASKS.task(0, 0)
     args = (task, GroupKey(0, 0, 0), (0, 1), [0, 1])
-    expected = ray.get(worker.rollout.remote(1, [adapters], *args))
+    expected_images, expected_transitions = ray.get(worker.rollout.remote(1, [adapters], *args))
 
     in_flight = worker.rollout.remote(1, [adapters], *args)
     time.sleep(0.5)
     ray.kill(worker, no_restart=False)  # the process dies mid-call; Ray restarts it and retries the call
-    retried = ray.get(in_flight, timeout=300)
-    assert torch.equal(retried.transitions[-1].x_next, expected.transitions[-1].x_next)  # same weights reloaded
-    assert (retried.images == expected.images).all()
+    retried_images, retried_transitions = ray.get(in_flight, timeout=300)
+    assert torch.equal(retried_transitions[-1].x_next, expected_transitions[-1].x_next)  # same weights reloaded
+    assert (retried_images == expected_images).all()
 
 
 def test_reward_worker_scores_a_chunk(cluster):
     worker = RewardWorker.remote(RewardConfig(weights=WeightsConfig(colour_target=1.0)), "", "UNUSED")
     rollout = RolloutWorker.remote(PolicyConfig(), SAMPLER, ROLLOUT, 1, 0.0)
-    learner = Learner.remote(PolicyConfig(), LearnerConfig(), SAMPLER, ROLLOUT, 1, 0.0)
+    learner = Learner.remote(PolicyConfig(), LearnerConfig(), ROLLOUT, 1, 0.0)
     adapters = ray.put(ray.get(learner.adapter_state.remote()))
     task = TASKS.task(0, 1)
-    chunk = ray.get(rollout.rollout.remote(0, [adapters], task, GroupKey(0, 0, 1), (0, 1), [0, 1]))
-    result = ray.get(worker.score.remote(chunk.images, task))
+    images, _ = rollout.rollout.remote(0, [adapters], task, GroupKey(0, 0, 1), (0, 1), [0, 1])
+    result = ray.get(worker.score.remote(images, task))  # the images' reference, resolved by Ray on the worker
     assert result.rewards.shape == (2,) and set(result.components) == {"colour_target"}
     assert (result.rewards <= 0).all() and (result.rewards >= -1).all()
 
 
 def test_data_parallel_learners_match_a_single_learner(cluster):
     policy_cfg, learner_cfg = PolicyConfig(), LearnerConfig(learning_rate=1e-2)
-    single = Learner.remote(policy_cfg, learner_cfg, SAMPLER, ROLLOUT, 1, 0.0)
-    ranks = [Learner.remote(policy_cfg, learner_cfg, SAMPLER, ROLLOUT, 1, 0.0) for _ in range(2)]
+    single = Learner.remote(policy_cfg, learner_cfg, ROLLOUT, 1, 0.0)
+    ranks = [Learner.remote(policy_cfg, learner_cfg, ROLLOUT, 1, 0.0) for _ in range(2)]
     address = ray.get(ranks[0].rendezvous.remote())
     ray.get([r.join.remote(i, 2, address) for i, r in enumerate(ranks)])
     rollout = RolloutWorker.remote(policy_cfg, SAMPLER, ROLLOUT, 1, 0.0)
@@ -78,14 +79,19 @@ def test_data_parallel_learners_match_a_single_learner(cluster):
     for g in range(2):
         task = TASKS.task(0, g)
         for ids, adv in (((0, 1), [1.0, -0.5]), ((2, 3), [0.5, -1.0])):
-            chunk = ray.get(rollout.rollout.remote(0, [adapters], task, GroupKey(0, 0, g), ids, [0, 1]))
-            items.append((task, chunk, torch.tensor(adv).numpy()))
-    single_stats = ray.get(single.update.remote(items, 8))
-    dp_stats = ray.get([ranks[0].update.remote(items[0::2], 8), ranks[1].update.remote(items[1::2], 8)])
+            _, transitions = rollout.rollout.remote(0, [adapters], task, GroupKey(0, 0, g), ids, [0, 1])
+            items.append((task, [transitions], torch.tensor(adv).numpy()))
+    single_stats, single_adapters = single.update.remote(items, 8)
+    single_stats = ray.get(single_stats)
+    (stats0, adapters0), (stats1, adapters1) = ranks[0].update.remote(items[0::2], 8), ranks[1].update.remote(items[1::2], 8)
+    dp_stats = ray.get([stats0, stats1])
     assert dp_stats[0] == dp_stats[1]  # both ranks agree on every statistic
+    assert ray.get(adapters1) is None  # rank 0 alone publishes the new weights
+    published = ray.get(adapters0)
     assert dp_stats[0].loss == pytest.approx(single_stats.loss, rel=1e-5, abs=1e-9)
     assert dp_stats[0].grad_norm == pytest.approx(single_stats.grad_norm, rel=1e-4)
-    expected, got0, got1 = ray.get([single.adapter_state.remote(), ranks[0].adapter_state.remote(), ranks[1].adapter_state.remote()])
+    expected, got0, got1 = ray.get([single_adapters, ranks[0].adapter_state.remote(), ranks[1].adapter_state.remote()])
+    assert expected.keys() == got0.keys() == published.keys()
     for name in expected:
         torch.testing.assert_close(got0[name], expected[name], rtol=0, atol=1e-6)
-        assert torch.equal(got0[name], got1[name])
+        assert torch.equal(got0[name], got1[name]) and torch.equal(published[name], got0[name])

@@ -15,7 +15,7 @@ from PIL import Image
 from rewards import RewardConfig, ScoreBatch, build_reward
 from rewards.clip_scores import ClipTextScorer, HpsScorer, hps_preprocess
 from rewards.config import ClipConfig
-from rl_align.config import load_config
+from rl_align.core.config import load_config
 
 TINY = "rl-align-tiny-clip"
 TINY_CONFIG = {

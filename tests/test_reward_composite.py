@@ -20,7 +20,7 @@ from rewards import (
 )
 from rewards.config import WeightsConfig
 from rewards.identity import IdentityScorer
-from rl_align.config import ConfigError, load_config
+from rl_align.core.config import ConfigError, load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "rewards"
 

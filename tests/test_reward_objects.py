@@ -39,7 +39,7 @@ from rewards.objects import (
     dedupe_boxes,
     masked_crop,
 )
-from rl_align.config import load_config
+from rl_align.core.config import load_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

@@ -12,7 +12,7 @@ import pytest
 from rewards import RewardConfig, ScoreBatch, build_reward
 from rewards.client import RewardClient
 from rewards.ray_serve import reward_deployment
-from rl_align.config import load_config
+from rl_align.core.config import load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "rewards"
 

@@ -34,7 +34,7 @@ from rewards.faces import DlibFaceEmbedder
 from rewards.identity import IdentityScorer
 from rewards.server import build_app, create_app, running_server, server_token
 from rewards.weight_free import ColourTargetScorer, JpegSizeScorer
-from rl_align.config import load_config
+from rl_align.core.config import load_config
 
 TOKEN = "test-token-123"
 LIMITS = ServerConfig(max_images=4, max_request_bytes=200_000, max_references_per_image=2, max_image_pixels=128 * 128)

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from rl_align.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
-from rl_align.tracking import MetricsLog, plot_curves, read_metrics, save_image_grid
+from rl_align.core.checkpoints import Checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from rl_align.core.tracking import MetricsLog, due, plot_curves, read_metrics, save_image_grid
 
 
 def test_metrics_jsonl_and_tensorboard(tmp_path):
@@ -52,21 +52,30 @@ def test_plot_and_grid_files(tmp_path):
 def test_checkpoints_are_atomic_rotated_and_restore_rng(tmp_path):
     weights = {"lora.A": torch.randn(4, 2)}
     for it in (10, 20, 30, 40):
-        save_checkpoint(tmp_path, it, {"adapter": weights, "optimizer": {"step": it}}, keep=2)
+        save_checkpoint(tmp_path, Checkpoint(it, weights, {"step": it}), keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["iteration-00000030.pt", "iteration-00000040.pt"]
     assert not list((tmp_path / "checkpoints").glob("*.partial"))
 
     torch.manual_seed(5)
     random.seed(5)
-    save_checkpoint(tmp_path, 50, {"adapter": weights})
+    save_checkpoint(tmp_path, Checkpoint(50, weights, {"step": 50}, data_positions=({"main": {"epoch": 2}},)))
     expected = (torch.rand(3), random.random())
     torch.manual_seed(99)
     random.seed(99)
     state = load_checkpoint(tmp_path)  # the newest of the run folder
-    assert state["iteration"] == 50 and torch.equal(state["adapter"]["lora.A"], weights["lora.A"])
+    assert state.completed == 50 and torch.equal(state.adapters["lora.A"], weights["lora.A"])
+    assert state.optimizer == {"step": 50} and state.data_positions == ({"main": {"epoch": 2}},)
     assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
 
 
 def test_missing_checkpoint_names_the_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoints"):
         load_checkpoint(tmp_path)
+
+
+def test_due_counts_updates_and_always_fires_at_the_end():
+    # IPPO samples the rollouts of iterations 0, 2, 4 and the last (count = updates behind them, last = 6)
+    assert [i for i in range(7) if due(i, 2, 6)] == [0, 2, 4, 6]
+    # checkpoints after 3, 6 and the final 7 updates: the end fires even off the cadence
+    assert [done for done in range(1, 8) if due(done, 3, 7)] == [3, 6, 7]
+    assert [done for done in range(1, 5) if due(done, 1, 4)] == [1, 2, 3, 4]

@@ -12,21 +12,14 @@ import pytest
 import torch
 
 from policies import FluxPolicy
-from rl_align.config import load_config
-from rl_align.sft import (
-    StageObjective,
-    diptych_source,
-    flow_matching_pair,
-    learning_rate_at,
-    make_optimizer,
-    sample_timesteps,
-    stage_policy,
-    train_step,
-)
-from rl_align.sft_builders import SYNTHETIC_CATEGORIES, build_synthetic_manifest
-from rl_align.sft_config import STAGES, DiptychConfig, OptimConfig, SFTConfig, TimestepConfig
-from rl_align.sft_data import BatchStream, SFTDataConfig, bucket_size, subject_count_limit
-from rl_align.sft_manifest import SampleRecord, load_manifest, write_manifest
+from rl_align.core.config import load_config
+from rl_align.core.optim import make_optimizer
+from rl_align.sft.builders import SYNTHETIC_CATEGORIES, build_synthetic_manifest
+from rl_align.sft.config import DiptychConfig, OptimConfig, SFTConfig, TimestepConfig
+from rl_align.sft.data import BatchStream, SFTDataConfig, bucket_size, subject_count_limit
+from rl_align.sft.manifest import SampleRecord, load_manifest, write_manifest
+from rl_align.sft.objective import StageObjective, flow_matching_pair, learning_rate_at, sample_timesteps, train_step
+from rl_align.sft.stages import STAGES, diptych_source, stage_policy
 from samplers import euler_step
 from samplers.schedule import static_time_shift
 
@@ -225,7 +218,7 @@ def test_each_stage_lowers_its_loss_on_a_fixed_batch(stage, synthetic):
     key = 1234
     with torch.no_grad():
         before = objective.batch_loss(batch, key, backward=False)
-    optimizer = make_optimizer(policy, cfg.optim)
+    optimizer = make_optimizer(policy.trainable_parameters(), cfg.optim)
     for _ in range(6):
         stats = train_step(objective, optimizer, batch, key, cfg.optim.learning_rate)
         assert not stats.skipped
@@ -260,7 +253,7 @@ def test_idar_dice_alone_moves_the_attention_maps_toward_the_masks(synthetic):
         return inside, float(dice_loss(maps, masks))
 
     inside_before, dice_before = overlap()
-    optimizer = make_optimizer(policy, cfg.optim)
+    optimizer = make_optimizer(policy.trainable_parameters(), cfg.optim)
     for _ in range(8):
         train_step(objective, optimizer, batch, 7, cfg.optim.learning_rate)
     inside_after, dice_after = overlap()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from rl_align.sft_builders import (
+from rl_align.sft.builders import (
     SYNTHETIC_CATEGORIES,
     another_caption,
     build_coco_manifest,
@@ -20,8 +20,8 @@ from rl_align.sft_builders import (
     layout_draw_order,
     segmentation_mask,
 )
-from rl_align.sft_manifest import SampleRecord, SubjectRecord, check_manifest, read_image, read_mask, write_manifest
-from rl_align.synthetic import COLOURS
+from rl_align.sft.manifest import SampleRecord, SubjectRecord, check_manifest, read_image, read_mask, write_manifest
+from rl_align.core.synthetic import COLOURS
 
 
 # ---------------------------------------------------------------------------------------------------------

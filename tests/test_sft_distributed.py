@@ -15,14 +15,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from policies import FluxPolicy
-from rl_align.checkpoints import list_checkpoints, load_checkpoint
-from rl_align.distributed import Ranks
-from rl_align.ippo import adapter_state
-from rl_align.sft import StageObjective, make_optimizer, train_step
-from rl_align.sft_builders import build_synthetic_manifest
-from rl_align.sft_config import OptimConfig, SFTConfig
-from rl_align.sft_data import BatchStream, SFTDataConfig
-from rl_align.sft_manifest import load_manifest
+from rl_align.core.checkpoints import list_checkpoints, load_checkpoint
+from rl_align.core.distributed import Communicator
+from rl_align.core.optim import make_optimizer
+from rl_align.sft.objective import StageObjective, train_step
+from rl_align.sft.builders import build_synthetic_manifest
+from rl_align.sft.config import OptimConfig, SFTConfig
+from rl_align.sft.data import BatchStream, SFTDataConfig
+from rl_align.sft.manifest import load_manifest
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,13 +39,13 @@ def _free_port() -> int:
 def _rank_step(rank: int, world: int, port: int, batches, keys, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    ranks = Ranks(rank, world, torch.device("cpu"))
+    ranks = Communicator(rank, world, torch.device("cpu"))
     policy = FluxPolicy.from_config(CFG.policy)
-    objective, optimizer = StageObjective(policy, CFG), make_optimizer(policy, CFG.optim)
+    objective, optimizer = StageObjective(policy, CFG), make_optimizer(policy.trainable_parameters(), CFG.optim)
     count = torch.tensor([float(len(batches[rank].prompts))])
     ranks.all_reduce(count)
     stats = train_step(objective, optimizer, batches[rank], keys[rank], CFG.optim.learning_rate, total_samples=int(count), all_reduce=ranks.all_reduce)
-    torch.save({"adapters": adapter_state(policy), "total": float(stats.terms.total), "grad_norm": stats.grad_norm}, Path(out_dir) / f"{rank}.pt")
+    torch.save({"adapters": policy.adapter_state(), "total": float(stats.terms.total), "grad_norm": stats.grad_norm}, Path(out_dir) / f"{rank}.pt")
     ranks.close()
 
 
@@ -60,13 +60,13 @@ def test_data_parallel_step_equals_the_step_on_all_samples(tmp_path):
 
     # one process: the same two batches back-propagated with weights 3/4 and 1/4, then one step
     policy = FluxPolicy.from_config(CFG.policy)
-    objective, optimizer = StageObjective(policy, CFG), make_optimizer(policy, CFG.optim)
+    objective, optimizer = StageObjective(policy, CFG), make_optimizer(policy.trainable_parameters(), CFG.optim)
     optimizer.zero_grad()
     totals = [float(objective.batch_loss(batch, key, backward=True, scale=len(batch.prompts) / 4).total) for batch, key in zip(batches, keys)]
     params = policy.trainable_parameters()
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, CFG.optim.max_grad_norm))
     optimizer.step()
-    expected = adapter_state(policy)
+    expected = policy.adapter_state()
     for result in results:
         assert result["total"] == pytest.approx(0.75 * totals[0] + 0.25 * totals[1], rel=1e-5)
         assert result["grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
@@ -96,13 +96,13 @@ def test_torchrun_writes_one_run_folder_and_resumes_exactly(tmp_path):
     log = (run / "log.txt").read_text()
     assert "2 process(es) on cpu" in log and log.count("fixed-batch loss total") == 3  # steps 0, 2, 4: rank 0 only
     state = load_checkpoint(run, restore_rng=False)
-    assert len(state["streams"]) == 2  # each process's data position
+    assert len(state.data_positions) == 2  # each process's data position
 
     first = _torchrun("--config", quickstart, "stage=idar", "steps=2", f"run.output_root={tmp_path}", "run.name=resumed", *SMALL)
     assert first.returncode == 0, first.stderr[-3000:]
     resumed = _torchrun("--resume", str(tmp_path / "resumed"), "steps=4")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    ends = [load_checkpoint(list_checkpoints(tmp_path / name)[-1], restore_rng=False)["adapters"] for name in ("straight", "resumed")]
+    ends = [load_checkpoint(list_checkpoints(tmp_path / name)[-1], restore_rng=False).adapters for name in ("straight", "resumed")]
     for name in ends[0]:
         torch.testing.assert_close(ends[0][name], ends[1][name], rtol=0, atol=0)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rl_align.sft_manifest import ManifestError, check_manifest, load_manifest
+from rl_align.sft.manifest import ManifestError, check_manifest, load_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -1,5 +1,5 @@
 """scripts/sft.py end to end: the run folder, resume, refusing bad data, and a warm start of train_gspo.py
-from its adapters."""
+from its adapters; the library's train(cfg) in-process gives the script's result."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import torch
 import yaml
 
 from policies import FluxPolicy
-from rl_align.checkpoints import list_checkpoints, load_checkpoint
-from rl_align.config import load_config
-from rl_align.ippo import adapter_state
-from rl_align.train_config import GSPOTrainConfig
+from rl_align.core.checkpoints import list_checkpoints, load_checkpoint
+from rl_align.core.config import load_config
+from rl_align.ippo.config import GSPOTrainConfig
+from rl_align.sft.config import SFTConfig
+from rl_align.sft.trainer import train
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,10 +46,10 @@ def test_run_folder_resume_and_warm_start(tmp_path):
     assert config["policy"]["attention"]["temperature"] is True  # the stage's policy, as trained
     assert yaml.safe_load((run / "policy.yaml").read_text()) == config["policy"]
     records = _metrics(run)
-    train = [r for r in records if "loss/total" in r]
-    assert [r["iteration"] for r in train] == [0, 1, 2, 3]
+    steps = [r for r in records if "loss/total" in r]
+    assert [r["iteration"] for r in steps] == [0, 1, 2, 3]
     for key in ("loss/flow", "lr", "grad_norm", "batch_size", "subjects", "epoch"):
-        assert key in train[0], key
+        assert key in steps[0], key
     assert [r["iteration"] for r in records if "eval/total" in r] == [0, 2, 4]
     assert (run / "loss_curve.png").is_file() and list((run / "tensorboard").iterdir())
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-00000002.png", "step-00000004.png"]
@@ -65,8 +66,8 @@ def test_run_folder_resume_and_warm_start(tmp_path):
     # the same 6 steps in one go end with exactly the resumed run's adapters
     straight = _sft("--config", QUICKSTART, "stage=position_id", "steps=6", f"run.output_root={tmp_path}", "run.name=b", *SMALL)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    resumed_state = load_checkpoint(run, restore_rng=False)["adapters"]
-    straight_state = load_checkpoint(tmp_path / "b", restore_rng=False)["adapters"]
+    resumed_state = load_checkpoint(run, restore_rng=False).adapters
+    straight_state = load_checkpoint(tmp_path / "b", restore_rng=False).adapters
     assert resumed_state.keys() == straight_state.keys()
     for name in resumed_state:
         torch.testing.assert_close(resumed_state[name], straight_state[name], rtol=0, atol=0)
@@ -77,7 +78,7 @@ def test_run_folder_resume_and_warm_start(tmp_path):
     assert gspo.policy.position_scheme == "condition_id" and gspo.policy.attention.temperature
     policy = FluxPolicy.from_config(gspo.policy)
     policy.load_adapters(gspo.init_adapters)
-    loaded = adapter_state(policy)
+    loaded = policy.adapter_state()
     assert loaded.keys() == resumed_state.keys()
     for name in loaded:
         torch.testing.assert_close(loaded[name], resumed_state[name], rtol=0, atol=0)
@@ -103,6 +104,17 @@ def test_warm_start_runs_in_train_gspo(tmp_path):
     sft = _sft("--config", QUICKSTART, "stage=idar", "steps=2", f"run.output_root={tmp_path}", "run.name=sft", *SMALL)
     assert sft.returncode == 0, sft.stderr[-3000:]
     run = tmp_path / "sft"
+
+    # the same two steps through the library's train(cfg) in this process: the script's result exactly
+    result = train(load_config(SFTConfig, QUICKSTART, ["stage=idar", "steps=2", f"run.output_root={tmp_path}", "run.name=lib", *SMALL]))
+    assert result.run_dir == tmp_path / "lib" and result.completed == 2 and result.adapters == tmp_path / "lib" / "adapters"
+    script_evals = [r["eval/total"] for r in _metrics(run) if "eval/total" in r]
+    assert [r["eval/total"] for r in _metrics(result.run_dir) if "eval/total" in r] == script_evals
+    assert result.summary == {"eval_loss_first": script_evals[0], "eval_loss_last": script_evals[-1]}
+    script_state, library_state = load_checkpoint(run, restore_rng=False).adapters, load_checkpoint(result.run_dir, restore_rng=False).adapters
+    assert script_state.keys() == library_state.keys()
+    for name in script_state:
+        assert torch.equal(script_state[name], library_state[name]), name
     gspo = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "train_gspo.py"), "--config", str(ROOT / "configs" / "quickstart.yaml"),
          f"policy={run / 'policy.yaml'}", f"init_adapters={run / 'adapters'}", "iterations=1", f"run.output_root={tmp_path}",
@@ -112,3 +124,21 @@ def test_warm_start_runs_in_train_gspo(tmp_path):
     )
     assert gspo.returncode == 0, gspo.stderr[-3000:]
     assert f"warm start from adapters in {run / 'adapters'}" in (tmp_path / "rl" / "log.txt").read_text()
+
+
+def test_diptych_stage_builds_its_pairs_and_follows_its_curriculum(tmp_path):
+    """The diptych recipe's three streams: single-subject batches, then random pairs (or singles), then
+    same-category pairs, the pairs written once into the run folder; every step logs its stream."""
+    cfg = load_config(SFTConfig, QUICKSTART, [
+        "stage=diptych", "steps=3", "diptych.single_steps=1", "diptych.mixed_steps=1", "diptych.mixed_single_fraction=0",
+        "diptych.pairs=4", f"run.output_root={tmp_path}", "run.name=d", *SMALL,
+    ])
+    result = train(cfg)
+    for pairing in ("random", "same_category"):
+        manifest = result.run_dir / "data" / f"diptych-{pairing}" / "manifest.jsonl"
+        assert len(manifest.read_text().splitlines()) == 4
+    train_records = [r for r in _metrics(result.run_dir) if "loss/total" in r]
+    assert [r["diptych_source"] for r in train_records] == [0, 1, 2]  # single, random, same_category
+    assert [r["subjects"] for r in train_records] == [1, 2, 2]
+    config = yaml.safe_load((result.run_dir / "policy.yaml").read_text())
+    assert config["dual_branch"]["enabled"] and not config["lora"]["enabled"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rl_align.synthetic import COLOURS, ShapeSubject, compose_scene, render_reference, sample_subjects, scene_prompt
+from rl_align.core.synthetic import COLOURS, ShapeSubject, compose_scene, render_reference, sample_subjects, scene_prompt
 
 
 def test_scene_pixels_and_masks_agree():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rl_align.tasks import ManifestError, ManifestTasks, SyntheticShapeTasks, TaskConfig, build_task_source
+from rl_align.ippo.tasks import ManifestError, ManifestTasks, SyntheticShapeTasks, TaskConfig, build_task_source
 
 
 def test_synthetic_tasks_are_keyed_by_seed_iteration_group():

@@ -1,8 +1,11 @@
-"""scripts/train_gspo.py end to end on a local Ray cluster: the run folder, then --resume."""
+"""scripts/train_gspo.py end to end on a local Ray cluster: the run folder, then --resume; the library's
+train(cfg) in-process gives the script's result; the driver fetches no rollout tensors."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 import subprocess
 import sys
 import time
@@ -14,10 +17,16 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from rl_align.checkpoints import list_checkpoints
+from rl_align.core.checkpoints import list_checkpoints
+from rl_align.core.config import load_config
+from rl_align.ippo.config import GSPOTrainConfig
+from rl_align.ippo.trainer import train
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("train_gspo_script", ROOT / "scripts" / "train_gspo.py")
+SCRIPT = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(SCRIPT)
 TINY = [
     "sampler.num_steps=6", "sampler.window_shift_interval=2", "rollout.image_size=32", "rollout.reference_size=16",
     "rollout.group_size=4", "rollout.chunk_size=2", "tasks.reference_size=16", "learner.learning_rate=1e-3",
@@ -56,6 +65,25 @@ def test_run_folder_and_resume(tmp_path):
     assert [p.name for p in list_checkpoints(run)] == ["iteration-00000002.pt", "iteration-00000003.pt"]
     assert (run / "adapters" / "adapter_config.json").is_file()
 
+    # The driver receives rewards and statistics, not rollout tensors: an iteration without a sample grid
+    # fetches a few hundred bytes; one with a grid fetches its 8 images of 32x32x3 bytes per group on top.
+    images = 2 * 4 * 32 * 32 * 3
+    assert 0 < records[1]["driver/fetched_bytes"] < 2048
+    assert images < records[0]["driver/fetched_bytes"] < images + 2048
+
+    # The library's train(cfg), in this process, is the script's run: same metrics, same adapters.
+    cfg, resume = SCRIPT.resolve_config(["--config", str(ROOT / "configs" / "quickstart.yaml"), "iterations=3",
+                                         f"run.output_root={tmp_path}", "run.name=in-process", *TINY])
+    result = train(cfg, resume)
+    assert result.run_dir == tmp_path / "in-process" and result.completed == 3
+    in_process = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["reward/mean"] for r in in_process] == [r["reward/mean"] for r in records]
+    assert result.summary["reward_first_fifth"] == records[0]["reward/mean"]
+    script_adapters, library_adapters = _adapters(run), _adapters(result.run_dir)
+    assert script_adapters.keys() == library_adapters.keys()
+    for name in script_adapters:
+        assert torch.equal(script_adapters[name], library_adapters[name]), name
+
     resumed = _run("--resume", str(run), "iterations=5")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed after iteration 3 (window [1, 2])" in (run / "log.txt").read_text()
@@ -92,3 +120,17 @@ def test_bad_config_fails_before_starting_ray(tmp_path):
     result = _run(f"run.output_root={tmp_path}", "sampler.etta=1")
     assert result.returncode == 2 and "unknown config key 'sampler.etta'" in result.stderr
     assert not list(tmp_path.iterdir())  # no run folder for a run that never started
+
+
+def test_plain_script_runs_the_quickstart_like_make_train():
+    """`python scripts/train_gspo.py` with no arguments resolves to exactly `make train`'s config: the
+    quickstart file, not the dataclass defaults."""
+    recipe = re.search(r"^train:.*\n\t\$\(PY\) (\S+)(.*)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert recipe and recipe.group(1) == "scripts/train_gspo.py"
+    make_args = recipe.group(2).replace("$(ARGS)", "").split()
+    plain, resume = SCRIPT.resolve_config([])
+    assert resume is None
+    assert plain == SCRIPT.resolve_config(make_args)[0] == load_config(GSPOTrainConfig, ROOT / "configs" / "quickstart.yaml")
+    assert plain != GSPOTrainConfig() and plain.iterations == 60
+    with_override, _ = SCRIPT.resolve_config(["iterations=7"])
+    assert with_override.iterations == 7 and with_override.learner == plain.learner  # overrides apply on top of the quickstart

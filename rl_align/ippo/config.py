@@ -1,7 +1,10 @@
-"""The config of ``scripts/train_gspo.py``: IPPO with GSPO (MultiCrafter Sec. 4.4, Algorithm 1).
+"""The config of IPPO with GSPO (MultiCrafter Sec. 4.4, Algorithm 1): ``rl_align.ippo.trainer.train`` and
+``scripts/train_gspo.py``.
 
-Defaults are the embedded quickstart: the tiny random-init policy, synthetic shape tasks, weight-free
-rewards, CPU. The paper presets in configs/ override them.
+Defaults: the tiny random-init policy, synthetic shape tasks, weight-free rewards, CPU, with the paper's
+sampler settings (T=16, w=2, tau=50) and a paper-scale learning rate. The embedded quickstart
+(configs/quickstart.yaml, what ``python scripts/train_gspo.py`` runs when no --config is given) overrides
+the few values a tiny CPU run needs; the paper presets in configs/ override them for FLUX.1-dev.
 """
 
 from __future__ import annotations
@@ -10,10 +13,10 @@ from dataclasses import dataclass, field
 
 from policies import PolicyConfig
 from rewards import RewardConfig
-from rl_align.ippo import RolloutConfig
-from rl_align.learner import LearnerConfig
-from rl_align.runs import RunConfig
-from rl_align.tasks import TaskConfig
+from rl_align.ippo.rollout import RolloutConfig
+from rl_align.ippo.learner import LearnerConfig
+from rl_align.core.runs import RunConfig
+from rl_align.ippo.tasks import TaskConfig
 from samplers import SamplerConfig
 
 
@@ -46,7 +49,7 @@ class WorkerConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    sample_every: int = 10  # iterations between sample grids (samples/iteration-NNNNNNNN.png)
+    sample_every: int = 10  # iterations between sample grids (samples/iteration-NNNNNNNN.png, the rollouts of that iteration)
     checkpoint_every: int = 10  # iterations between checkpoints (and at the end)
     keep_checkpoints: int = 3
     plot_every: int = 10  # iterations between redraws of reward_curve.png

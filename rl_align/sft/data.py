@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from rl_align.sft_manifest import SampleRecord, read_image, read_mask
+from rl_align.sft.manifest import SampleRecord, read_image, read_mask
 from samplers.noise import key_seed
 
 
@@ -40,7 +40,7 @@ class SyntheticDataConfig:
 
 @dataclass(frozen=True)
 class SFTDataConfig:
-    manifest: str = ""  # JSON Lines manifest (rl_align/sft_manifest.py); empty: generate the synthetic set
+    manifest: str = ""  # JSON Lines manifest (rl_align/sft/manifest.py); empty: generate the synthetic set
     # Allowed subject categories; a manifest line with another category is refused. Empty allows any.
     categories: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
     target_size: int = 64  # shorter side of the targets in pixels (MultiCrafter: 512)

@@ -1,7 +1,7 @@
 """The config of ``scripts/sft.py``: supervised warm-start stages whose adapters seed ``train_gspo.py``.
 
 Defaults are the embedded quickstart: the tiny random-init policy, the offline synthetic shapes, CPU.
-``stage`` picks the objective (see rl_align/sft.py); the paper presets live in configs/sft/.
+``stage`` picks the recipe (rl_align/sft/stages.py); the paper presets live in configs/sft/.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from policies import PolicyConfig
-from rl_align.runs import RunConfig
-from rl_align.sft_data import SFTDataConfig
+from rl_align.core.runs import RunConfig
+from rl_align.sft.data import SFTDataConfig
+from rl_align.sft.stages import STAGES, stage_recipe
 
-Stage = Literal["single", "idar", "diptych", "position_id", "routing"]
-STAGES: tuple[str, ...] = ("single", "idar", "diptych", "position_id", "routing")
+Stage = Literal[STAGES]  # the registry's stage names
 
 
 @dataclass(frozen=True)
@@ -134,5 +134,4 @@ class SFTConfig:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.stage == "diptych" and self.curriculum.enabled:
-            raise ValueError("stage diptych has its own curriculum (diptych.*); set curriculum.enabled=false")
+        stage_recipe(self.stage).check_config(self)

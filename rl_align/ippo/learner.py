@@ -8,19 +8,15 @@ same update serves any model and is testable without one.
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import Callable, Literal, NamedTuple, Sequence
 
 import torch
 
-from rl_align.distributed import sum_gradients
-from rl_align.losses import gaussian_mean_kl, grpo_step_objective, gspo_objective
-from samplers import Velocity, WindowTransition, sde_step_with_logprob
-from samplers.steps import Reduce
-
-log = logging.getLogger(__name__)
+from rl_align.core.optim import apply_step
+from rl_align.ippo.losses import gaussian_mean_kl, grpo_step_objective, gspo_objective
+from samplers import Velocity, WindowTransition
 
 
 @dataclass(frozen=True)
@@ -63,26 +59,21 @@ class UpdateStats(NamedTuple):
     skipped: bool  # True when the loss or gradient was not finite and no step was taken
 
 
-def make_optimizer(params: Sequence[torch.nn.Parameter], cfg: LearnerConfig) -> torch.optim.AdamW:
-    if not params:
-        raise ValueError("no trainable parameters: the policy has no adapters to train")
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2))
-
-
 def window_log_probs(
-    velocity: Velocity, transitions: Sequence[WindowTransition], eta: float, reduce: Reduce, reference: Velocity | None = None
+    velocity: Velocity, transitions: Sequence[WindowTransition], reference: Velocity | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs (n, W) of stored transitions under ``velocity`` (with grad), and the per-sample KL (n,)
-    to ``reference`` averaged over the steps (zeros without a reference)."""
+    """Log-probs (n, W) of stored transitions under ``velocity`` (with grad), each with the eta and
+    reduction it was sampled with, and the per-sample KL (n,) to ``reference`` averaged over the steps
+    (zeros without a reference)."""
     log_probs, kls = [], []
     for t in transitions:
         sigma = torch.full((t.x_t.shape[0],), t.sigma, dtype=torch.float32, device=t.x_t.device)
-        step = sde_step_with_logprob(t.x_t, velocity(t.x_t, sigma), t.sigma, t.sigma_next, eta, reduce=reduce, prev_sample=t.x_next)
+        step = t.recompute(velocity(t.x_t, sigma))
         log_probs.append(step.log_prob)
         if reference is not None:
             with torch.no_grad():
-                ref = sde_step_with_logprob(t.x_t, reference(t.x_t, sigma), t.sigma, t.sigma_next, eta, reduce=reduce, prev_sample=t.x_next)
-            kls.append(gaussian_mean_kl(step.mean, ref.mean, step.std, reduce))
+                ref = t.recompute(reference(t.x_t, sigma))
+            kls.append(gaussian_mean_kl(step.mean, ref.mean, step.std, t.reduce))
     kl = torch.stack(kls, 1).mean(1) if kls else torch.zeros(len(log_probs[0]), device=log_probs[0].device)
     return torch.stack(log_probs, 1), kl
 
@@ -92,8 +83,6 @@ def policy_update(
     velocity_of: Callable[[int], Velocity],
     optimizer: torch.optim.Optimizer,
     cfg: LearnerConfig,
-    eta: float,
-    reduce: Reduce = "mean",
     reference_of: Callable[[int], Velocity] | None = None,
     total_samples: int | None = None,
     all_reduce: Callable[[torch.Tensor], None] | None = None,
@@ -103,7 +92,8 @@ def policy_update(
     Each chunk is recomputed with the same samples together as in the rollout (so the first update sees
     a ratio of exactly 1) and back-propagated on its own (one chunk's graph in memory at a time), its
     loss weighted by its share of the samples, so the step equals that of the mean over all samples.
-    A non-finite loss or gradient skips the step with a warning; gradients are clipped to max_grad_norm.
+    The step is ``rl_align.core.optim.apply_step``: a non-finite loss or gradient skips it with a warning;
+    gradients are clipped to max_grad_norm.
 
     Data-parallel learners pass ``total_samples`` (the samples of all ranks together) and an in-place
     sum ``all_reduce`` (torch.distributed.all_reduce): gradients and statistics are summed over ranks
@@ -112,14 +102,13 @@ def policy_update(
     if not chunks:
         raise ValueError("policy_update needs at least one chunk of transitions")
     objective = gspo_objective if cfg.algorithm == "gspo" else grpo_step_objective
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     total = total_samples if total_samples is not None else sum(len(c.advantages) for c in chunks)
     optimizer.zero_grad(set_to_none=True)
     # Sums over this rank's samples: non-finite losses, loss, ratio, clipped, ratio count, KL.
     sums = torch.zeros(6, dtype=torch.float64)
     for chunk in chunks:
         reference = reference_of(chunk.group) if (reference_of is not None and cfg.kl_beta > 0) else None
-        logp_new, kl = window_log_probs(velocity_of(chunk.group), chunk.transitions, eta, reduce, reference)
+        logp_new, kl = window_log_probs(velocity_of(chunk.group), chunk.transitions, reference)
         logp_old = torch.stack([t.log_prob for t in chunk.transitions], 1).detach()
         out = objective(logp_new, logp_old, chunk.advantages.to(logp_new.device), cfg.clip_low, cfg.clip_high)
         loss = out.loss + cfg.kl_beta * kl.mean()
@@ -134,15 +123,9 @@ def policy_update(
         )
 
     if all_reduce is not None:
-        sum_gradients(params, all_reduce)
-        all_reduce(sums)
-    finite = float(sums[0]) == 0  # on every rank, after the reduction
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if finite else math.nan
-    if not finite or not math.isfinite(grad_norm):
-        log.warning("non-finite %s: skipping this update", "loss" if not finite else "gradient norm")
-        optimizer.zero_grad(set_to_none=True)
-        return UpdateStats(math.nan, math.nan, math.nan, math.nan, grad_norm, True)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+        all_reduce(sums)  # before the step, so every rank knows whether any loss was non-finite
+    outcome = apply_step(optimizer, cfg.max_grad_norm, loss_finite=float(sums[0]) == 0, all_reduce=all_reduce, what="policy update")
+    if outcome.skipped:
+        return UpdateStats(math.nan, math.nan, math.nan, math.nan, outcome.grad_norm, True)
     _, loss_sum, ratio_sum, clipped_sum, ratio_count, kl_sum = sums.tolist()
-    return UpdateStats(loss_sum, ratio_sum / ratio_count, clipped_sum / ratio_count, kl_sum, grad_norm, False)
+    return UpdateStats(loss_sum, ratio_sum / ratio_count, clipped_sum / ratio_count, kl_sum, outcome.grad_norm, False)

@@ -9,9 +9,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from rl_align.config import load_config, save_config
+from rl_align.core.config import load_config, save_config
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,15 @@ class RunConfig:
     output_root: str = "runs"  # run folders are created under this directory
     name: str = ""  # folder name; empty means "<prefix>-<YYYYmmdd-HHMMSS>"
     seed: int = 0  # base seed of all noise, prompts and initialisation
+
+
+class RunResult(NamedTuple):
+    """What a trainer's ``train(cfg)`` returns when it finished."""
+
+    run_dir: Path
+    completed: int  # iterations (IPPO) or steps (SFT) done in the run, resumed ones included
+    adapters: Path  # the final adapters folder (FluxPolicy.load_adapters)
+    summary: dict[str, float]  # the headline figures the trainer logged at the end
 
 
 def create_run_dir(run: RunConfig, cfg: Any, prefix: str) -> Path:
@@ -51,9 +60,9 @@ def run_parser(description: str, config_class: type, example_overrides: str) -> 
     return parser
 
 
-def load_run_config(config_class: type, args: argparse.Namespace) -> Any:
-    """A new run: the defaults, then --config, then the overrides. With --resume: the run's own
-    config.yaml (or --config), then the overrides. Raises ConfigError."""
+def load_run_config(config_class: type, args: argparse.Namespace, default_config: Path | None = None) -> Any:
+    """A new run: the defaults, then --config (``default_config`` when none is given), then the overrides.
+    With --resume: the run's own config.yaml (or --config), then the overrides. Raises ConfigError."""
     if args.resume:
         return load_config(config_class, args.config or Path(args.resume) / "config.yaml", args.overrides)
-    return load_config(config_class, args.config, args.overrides)
+    return load_config(config_class, args.config or default_config, args.overrides)

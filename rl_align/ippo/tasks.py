@@ -1,7 +1,7 @@
 """Where RL groups come from: one task (a prompt and its reference subjects) per group.
 
 Two sources behind one interface, both deterministic in (seed, iteration, group):
-- ``SyntheticShapeTasks``: coloured-shape subjects made offline (rl_align.synthetic), for the quickstart;
+- ``SyntheticShapeTasks``: coloured-shape subjects made offline (rl_align.core.synthetic), for the quickstart;
 - ``ManifestTasks``: a JSON Lines manifest, one task per line, image paths relative to the manifest:
   {"prompt": "two friends at a cafe", "references": [{"image": "refs/anna.png", "kind": "face", "caption": "a woman",
    "category": "face"}, ...]}
@@ -19,7 +19,8 @@ import numpy as np
 from PIL import Image
 
 from rewards.types import SUBJECT_KINDS, ReferenceSubject
-from rl_align.synthetic import render_reference, sample_subjects, scene_prompt
+from rl_align.core.errors import ManifestError
+from rl_align.core.synthetic import render_reference, sample_subjects, scene_prompt
 from samplers.noise import key_seed
 
 
@@ -59,10 +60,6 @@ class SyntheticShapeTasks:
         subjects = sample_subjects(rng, count)
         references = tuple(ReferenceSubject(render_reference(s, self.cfg.reference_size), "object", s.caption) for s in subjects)
         return Task(scene_prompt(subjects), references, tuple(s.shape for s in subjects))
-
-
-class ManifestError(ValueError):
-    """A bad manifest line; the message names the file and line."""
 
 
 class ManifestTasks:

@@ -1,5 +1,5 @@
-"""IPPO pieces that touch the policy but not Ray: conditioning a task, rolling out a chunk of a group,
-turning rollouts into the learner's input, and moving adapter weights between policy copies.
+"""IPPO pieces that touch the policy but not Ray: conditioning a task, rolling out a chunk of a group, and
+the adapters-off reference velocity of the KL term.
 
 Rollout workers and the learner call the same functions, so both build identical conditioning from a
 task and the learner's recomputed log-probs match the rollout's (the ratio starts at exactly 1).
@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from policies import Conditioning, FluxPolicy
-from policies.adapters import custom_adapter_state
 from rewards.types import ReferenceSubject
-from rl_align.tasks import Task
+from rl_align.core.images import images_to_uint8
+from rl_align.ippo.tasks import Task
 from samplers import GroupKey, SamplerConfig, WindowTransition, mixed_rollout
 
 
@@ -44,6 +44,9 @@ class RolloutConfig:
 
 
 class ChunkRollout(NamedTuple):
+    """One rollout call's output: the reward workers need only the images, the learners only the
+    transitions (which carry their own eta and reduction)."""
+
     group: int
     sample_ids: tuple[int, ...]
     transitions: tuple[WindowTransition, ...]  # window steps, tensors on the CPU
@@ -77,11 +80,6 @@ def image_seq_len(policy: FluxPolicy, cfg: RolloutConfig) -> int:
     return (h // 2) * (w // 2)
 
 
-def images_to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
 @torch.no_grad()
 def rollout_chunk(
     policy: FluxPolicy,
@@ -113,21 +111,3 @@ class ReferenceVelocity:
     def __call__(self, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         with self.policy.adapters_disabled():
             return self.velocity(x_t, sigma)
-
-
-def adapter_state(policy: FluxPolicy) -> dict[str, torch.Tensor]:
-    """Every adapter tensor by name, detached on the CPU: the trainable ones and the frozen ones (a frozen
-    MoE gate loaded from warm-start adapters must reach the rollout workers too)."""
-    frozen_adapters = {f"transformer.{name}" for name in custom_adapter_state(policy.transformer)}
-    return {name: p.detach().cpu().clone() for name, p in policy.named_parameters() if p.requires_grad or name in frozen_adapters}
-
-
-def load_adapter_state(policy: FluxPolicy, state: dict[str, torch.Tensor]) -> None:
-    """Copy ``adapter_state`` output into a policy built from the same config."""
-    params = {name: p for name, p in policy.named_parameters() if name in state or p.requires_grad}
-    if set(params) != set(state):
-        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-        raise ValueError(f"adapter state does not fit this policy: missing {missing[:3]}, unexpected {extra[:3]}")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(state[name].to(p.device, p.dtype))

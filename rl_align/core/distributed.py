@@ -1,6 +1,7 @@
-"""Data-parallel processes: the process group of a ``torchrun`` launch (RANK, WORLD_SIZE, LOCAL_RANK in the
-environment; one process and no torch.distributed call without them) and the gradient sum every rank
-needs before its optimizer step."""
+"""Data-parallel processes: one ``Communicator`` for the process group of a ``torchrun`` launch (RANK,
+WORLD_SIZE, LOCAL_RANK in the environment; one process and no torch.distributed call without them) and for
+Ray learner actors (which join a group at an address rank 0 chose), and the gradient sum every rank needs
+before its optimizer step."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import torch.distributed as dist
 
 
 @dataclass(frozen=True)
-class Ranks:
-    """This process's place among the data-parallel processes (rank 0 of 1 when not launched by torchrun)."""
+class Communicator:
+    """This process's place among the data-parallel processes (rank 0 of 1 when alone) and the collectives
+    the trainers use; with one process every collective is the identity and torch.distributed is unused."""
 
     rank: int
     world: int
@@ -58,18 +60,26 @@ class Ranks:
             dist.destroy_process_group()
 
 
-def ranks_from_environment() -> Ranks:
+def communicator_from_environment() -> Communicator:
     """Join the process group torchrun describes (nccl on GPUs, one per LOCAL_RANK; gloo on CPUs)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     if world == 1:
-        return Ranks(0, 1, torch.device("cuda" if cuda else "cpu"))
+        return Communicator(0, 1, torch.device("cuda" if cuda else "cpu"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo")
-    return Ranks(dist.get_rank(), dist.get_world_size(), device)
+    return Communicator(dist.get_rank(), dist.get_world_size(), device)
+
+
+def join_process_group(init_method: str, rank: int, world: int, device: torch.device) -> Communicator:
+    """Join a group of ``world`` processes at ``init_method`` (a tcp:// address rank 0 picked); every rank
+    must call this at the same time: it blocks until all have joined (nccl on CUDA devices, else gloo)."""
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method, rank=rank, world_size=world)
+    return Communicator(rank, world, device)
 
 
 def sum_gradients(params: Sequence[torch.nn.Parameter], all_reduce: Callable[[torch.Tensor], None]) -> None:

@@ -1,244 +1,24 @@
-"""Builders of supervised warm-start manifests (the format of ``rl_align.sft_manifest``):
-
-- MUSAR diptych pairs (musar.txt Sec. 3.2.1): two single-subject samples side by side, the right subject's
-  caption given the "another" modifier, the target prompt in the two-column template.
-- MS-CustomNet multi-subject sets (ms_customnet.txt, MSI dataset construction) from COCO-format instance
-  annotations: salient instances (Eq. 1), images with enough of them (Eq. 2), per-category reference
-  pools (Eq. 3) and a layout map with smaller instances drawn on top (Eq. 4).
-- Offline synthetic scenes of coloured shapes (``rl_align.synthetic``), so every stage runs with no data.
-
-Every builder writes its images as PNG under its output folder and a ``manifest.jsonl`` there, whose
-paths are relative to that folder, and returns the manifest's path.
-"""
+"""MS-CustomNet multi-subject sets (ms_customnet.txt, MSI dataset construction) from COCO-format instance
+annotations: salient instances (Eq. 1), images with enough of them (Eq. 2), per-category reference pools
+(Eq. 3) and a layout map with smaller instances drawn on top (Eq. 4). Writes PNGs and a
+``manifest.jsonl`` (``rl_align.sft.manifest`` format) under its output folder."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from rl_align import synthetic
-from rl_align.sft_manifest import SampleRecord, SubjectRecord, read_image, read_mask, write_manifest
-
-SYNTHETIC_CATEGORIES: tuple[str, ...] = synthetic.SHAPES
-MANIFEST_NAME = "manifest.jsonl"
-MIN_SYNTHETIC_MASK_FRACTION = 0.02  # a visible mask must cover at least this share of the scene
-MAX_SCENE_DRAWS = 1000  # redraws of one synthetic scene before giving up on the 2% rule
-
-_LEADING_ARTICLE = re.compile(r"^(?:a|an|the)\s+(?=\S)", re.IGNORECASE)
+from rl_align.sft.builders.files import MANIFEST_NAME, join_captions, resize_mask, resize_rgb, save_mask, save_rgb
+from rl_align.sft.manifest import SampleRecord, SubjectRecord, read_image, write_manifest
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Shared image helpers
-
-
-def _save_rgb(pixels: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8), "RGB").save(path)
-
-
-def _save_mask(mask: np.ndarray, path: Path) -> None:
-    """A bool mask as a grey-scale PNG, 255 inside and 0 outside."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(mask.astype(np.uint8) * 255, "L").save(path)
-
-
-def _resize_rgb(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Bilinear resize of uint8 (H, W, 3) pixels to (height, width, 3)."""
-    return np.asarray(Image.fromarray(pixels, "RGB").resize((width, height), Image.Resampling.BILINEAR))
-
-
-def _resize_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Nearest-neighbour resize of a bool mask (nearest keeps it binary without a threshold)."""
-    resized = Image.fromarray(mask.astype(np.uint8) * 255, "L").resize((width, height), Image.Resampling.NEAREST)
-    return np.asarray(resized) > 0
-
-
-def _listed(captions: Sequence[str]) -> str:
-    """"a dog", "a dog and a cat", "a dog, a cat and a person"."""
-    if len(captions) == 1:
-        return captions[0]
-    return ", ".join(captions[:-1]) + " and " + captions[-1]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# MUSAR diptych pairs
-
-
-def another_caption(caption: str) -> str:
-    """MUSAR's "another" modifier (Sec. 3.2.1, Fig. 2): a leading article (a/an/the, any case) is replaced
-    by "another"; a caption without one gets "another " in front.
-
-    "a red circle" -> "another red circle"; "Nourishing scalp oil" -> "another Nourishing scalp oil".
-    """
-    caption = caption.strip()
-    if not caption:
-        raise ValueError("caption: expected a non-empty subject caption, got an empty string")
-    return "another " + _LEADING_ARTICLE.sub("", caption, count=1)
-
-
-def diptych_prompt(left_prompt: str, right_prompt: str, right_caption: str) -> tuple[str, str]:
-    """The diptych target prompt (MUSAR Fig. 2) and the right subject's caption with "another".
-
-    The first case-insensitive occurrence of ``right_caption`` in ``right_prompt`` becomes
-    ``another_caption(right_caption)``; when the caption does not occur, the right prompt is prefixed with
-    "<another caption>, " so the modified subject phrase is still in the prompt. Template:
-    "Two images concatenated side by side, the left part is: {left}, the right part is: {right}".
-    """
-    another = another_caption(right_caption)
-    occurrence = re.search(re.escape(right_caption.strip()), right_prompt, re.IGNORECASE)
-    if occurrence is None:
-        right_with_another = f"{another}, {right_prompt}"
-    else:
-        right_with_another = right_prompt[: occurrence.start()] + another + right_prompt[occurrence.end() :]
-    target_prompt = (
-        f"Two images concatenated side by side, the left part is: {left_prompt}, the right part is: {right_with_another}"
-    )
-    return target_prompt, another
-
-
-class DiptychPair(NamedTuple):
-    left: int  # index into the source samples
-    right: int
-
-
-def draw_diptych_pairs(
-    categories: Sequence[str], pairing: Literal["random", "same_category"], count: int, rng: np.random.Generator
-) -> list[DiptychPair]:
-    """``count`` (left, right) pairs of distinct source samples, given each sample's subject category.
-
-    random: left uniform over all samples, right uniform over the others (MUSAR stage 2).
-    same_category: left uniform over the samples whose category has at least two samples, right uniform
-    over the other samples of that category (MUSAR stage 3, fine-grained intra-class distinctions).
-    """
-    if count < 1:
-        raise ValueError(f"count: expected at least 1 diptych, got {count}")
-    if len(categories) < 2:
-        raise ValueError(f"a diptych needs two distinct source samples; got {len(categories)} sample(s)")
-    if pairing == "random":
-        pairs = []
-        for _ in range(count):
-            left = int(rng.integers(len(categories)))
-            right = int(rng.integers(len(categories) - 1))
-            pairs.append(DiptychPair(left, right + (right >= left)))  # skip the left sample itself
-        return pairs
-    if pairing == "same_category":
-        members: dict[str, list[int]] = {}
-        for index, category in enumerate(categories):
-            members.setdefault(category, []).append(index)
-        eligible = [index for index, category in enumerate(categories) if len(members[category]) >= 2]
-        if not eligible:
-            raise ValueError(
-                f"same_category pairing needs a category with at least 2 samples; every one of the "
-                f"{len(members)} categories ({', '.join(sorted(members))}) has a single sample"
-            )
-        pairs = []
-        for _ in range(count):
-            left = eligible[int(rng.integers(len(eligible)))]
-            others = [index for index in members[categories[left]] if index != left]
-            pairs.append(DiptychPair(left, others[int(rng.integers(len(others)))]))
-        return pairs
-    raise ValueError(f"pairing: expected 'random' or 'same_category', got {pairing!r}")
-
-
-def _single_subject(sample: SampleRecord) -> SubjectRecord:
-    if len(sample.subjects) != 1:
-        raise ValueError(
-            f"diptych sources must be single-subject samples; the sample on manifest line {sample.line} "
-            f"(target {sample.target!r}) has {len(sample.subjects)} subjects"
-        )
-    return sample.subjects[0]
-
-
-def _subject_mask(sample: SampleRecord, source_root: Path, target_shape: tuple[int, ...]) -> np.ndarray:
-    mask = read_mask(source_root / sample.subjects[0].mask)
-    if mask.shape != target_shape[:2]:
-        raise ValueError(
-            f"manifest line {sample.line}: subjects[0].mask {sample.subjects[0].mask!r} is "
-            f"{mask.shape[1]}x{mask.shape[0]}, expected the target size {target_shape[1]}x{target_shape[0]}"
-        )
-    return mask
-
-
-def _relative_to(out_dir: Path, source_root: Path, path: str | None) -> str | None:
-    """A source-relative path rewritten relative to ``out_dir`` (the file itself stays where it is)."""
-    if path is None:
-        return None
-    return Path(os.path.relpath(source_root / path, out_dir)).as_posix()
-
-
-def build_diptych_manifest(
-    samples: Sequence[SampleRecord],
-    source_root: Path,
-    out_dir: Path,
-    pairing: Literal["random", "same_category"],
-    count: int,
-    seed: int,
-) -> Path:
-    """Write ``count`` MUSAR diptych samples built from single-subject ``samples`` (paths relative to
-    ``source_root``) into ``out_dir`` and return the manifest's path.
-
-    Each diptych (Sec. 3.2.1): target = [left target | right target resized (bilinear) to the left's
-    height and width]; subjects = [left subject, right subject with caption another_caption(caption)], each
-    mask placed in its own half (the right one resized nearest) with zeros in the other half; prompt =
-    diptych_prompt(left prompt, right prompt, right caption). References are not copied: their paths are
-    rewritten relative to ``out_dir``. Pairs are drawn by draw_diptych_pairs with default_rng(seed).
-    """
-    source_root, out_dir = Path(source_root), Path(out_dir)
-    sources = [_single_subject(sample) for sample in samples]
-    pairs = draw_diptych_pairs([subject.category for subject in sources], pairing, count, np.random.default_rng(seed))
-    records = []
-    for number, (left_index, right_index) in enumerate(pairs):
-        left, right = samples[left_index], samples[right_index]
-        left_pixels = read_image(source_root / left.target)
-        height, width = left_pixels.shape[:2]
-        right_pixels = read_image(source_root / right.target)
-        left_mask = _subject_mask(left, source_root, left_pixels.shape)
-        right_mask = _resize_mask(_subject_mask(right, source_root, right_pixels.shape), width, height)
-        if not right_mask.any():
-            raise ValueError(
-                f"manifest line {right.line}: subjects[0].mask {right.subjects[0].mask!r} vanishes when its "
-                f"target is resized to {width}x{height} for a diptych with line {left.line}; drop the sample "
-                f"or give it a larger mask"
-            )
-        empty = np.zeros((height, width), dtype=bool)
-        target = f"targets/{number:05d}.png"
-        masks = (f"masks/{number:05d}-0.png", f"masks/{number:05d}-1.png")
-        _save_rgb(np.concatenate([left_pixels, _resize_rgb(right_pixels, width, height)], axis=1), out_dir / target)
-        _save_mask(np.concatenate([left_mask, empty], axis=1), out_dir / masks[0])
-        _save_mask(np.concatenate([empty, right_mask], axis=1), out_dir / masks[1])
-        left_subject, right_subject = sources[left_index], sources[right_index]
-        prompt, right_caption = diptych_prompt(left.prompt, right.prompt, right_subject.caption)
-        subjects = (
-            SubjectRecord(
-                _relative_to(out_dir, source_root, left_subject.reference),
-                left_subject.category,
-                left_subject.caption,
-                masks[0],
-                _relative_to(out_dir, source_root, left_subject.reference_mask),
-            ),
-            SubjectRecord(
-                _relative_to(out_dir, source_root, right_subject.reference),
-                right_subject.category,
-                right_caption,
-                masks[1],
-                _relative_to(out_dir, source_root, right_subject.reference_mask),
-            ),
-        )
-        records.append(SampleRecord(target, prompt, subjects))
-    return write_manifest(records, out_dir / MANIFEST_NAME)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# COCO segmentations
 
 
 def decode_coco_rle_string(counts: str) -> list[int]:
@@ -541,8 +321,8 @@ def compose_layout(
     for index in layout_draw_order(areas):
         box, reference = boxes[index], references[index]
         box_width, box_height = box.right - box.left, box.bottom - box.top
-        pixels = _resize_rgb(reference.pixels, box_width, box_height)
-        mask = _resize_mask(reference.mask, box_width, box_height)
+        pixels = resize_rgb(reference.pixels, box_width, box_height)
+        mask = resize_mask(reference.mask, box_width, box_height)
         canvas[box.top : box.bottom, box.left : box.right][mask] = pixels[mask]
     return canvas
 
@@ -639,8 +419,8 @@ def build_coco_manifest(
                     annotation_file, f"annotation id {instance.id}", f"bbox {list(instance.bbox)} does not overlap its segmentation"
                 )
             stem = f"references/{instance.category_id}/{instance.id}"
-            _save_rgb(crop, out_dir / f"{stem}.png")
-            _save_mask(crop_mask, out_dir / f"{stem}-mask.png")
+            save_rgb(crop, out_dir / f"{stem}.png")
+            save_mask(crop_mask, out_dir / f"{stem}-mask.png")
             entry = PoolEntry(instance.id, image.id, f"{stem}.png", f"{stem}-mask.png", crop, crop_mask)
             pools[instance.category_id].append(entry)
 
@@ -658,14 +438,14 @@ def build_coco_manifest(
             choices = other_images or pool
             reference = choices[int(rng.integers(len(choices)))]
             mask = f"masks/{image.id}-{k}.png"
-            _save_mask(_instance_mask(instance, image, annotation_file), out_dir / mask)
+            save_mask(_instance_mask(instance, image, annotation_file), out_dir / mask)
             name = category_names[instance.category_id]
             subjects.append(SubjectRecord(reference.reference, name, f"{_article(name)} {name}", mask, reference.reference_mask))
             boxes.append(_pixel_box(instance, image, annotation_file))
             references.append(reference)
         layout = f"layouts/{image.id}.png"
-        _save_rgb(compose_layout(image.height, image.width, boxes, references, [area for _, area in salient]), out_dir / layout)
-        listed = _listed([subject.caption for subject in subjects])
+        save_rgb(compose_layout(image.height, image.width, boxes, references, [area for _, area in salient]), out_dir / layout)
+        listed = join_captions([subject.caption for subject in subjects])
         prompt = first_caption[image.id] if first_caption is not None else f"a photo of {listed}"
         records.append(SampleRecord(target, prompt, tuple(subjects), layout))
 
@@ -681,66 +461,3 @@ def build_coco_manifest(
     )
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Offline synthetic scenes
-
-
-def _scene_with_visible_subjects(
-    subjects: Sequence[synthetic.ShapeSubject], image_size: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """compose_scene, drawn again with the same rng until every visible mask covers at least
-    MIN_SYNTHETIC_MASK_FRACTION of the image (an almost hidden subject would teach nothing)."""
-    least_pixels = MIN_SYNTHETIC_MASK_FRACTION * image_size * image_size
-    for _ in range(MAX_SCENE_DRAWS):
-        image, masks = synthetic.compose_scene(subjects, image_size, rng)
-        if masks.sum(axis=(1, 2)).min() >= least_pixels:
-            return image, masks
-    raise ValueError(
-        f"could not place {len(subjects)} subjects in a {image_size}x{image_size} scene with every visible mask "
-        f">= {MIN_SYNTHETIC_MASK_FRACTION:.0%} of the image in {MAX_SCENE_DRAWS} draws; lower max_subjects"
-    )
-
-
-def build_synthetic_manifest(
-    out_dir: Path, samples: int, min_subjects: int, max_subjects: int, image_size: int, reference_size: int, seed: int
-) -> Path:
-    """Write ``samples`` synthetic multi-subject samples into ``out_dir`` and return the manifest's path.
-
-    Per sample: a subject count uniform in [min_subjects, max_subjects], distinct coloured shapes
-    (sample_subjects), a scene (compose_scene, redrawn until every visible mask covers >= 2% of it),
-    prompt = scene_prompt; each subject: category = shape, caption = subject.caption, mask = its visible
-    mask, reference = render_reference at ``reference_size`` (one file per colour and shape),
-    reference_mask = the reference's non-white pixels. Everything comes from default_rng(seed): the same
-    seed writes byte-identical files.
-    """
-    out_dir = Path(out_dir)
-    if samples < 1:
-        raise ValueError(f"samples: expected at least 1, got {samples}")
-    if not 1 <= min_subjects <= max_subjects <= len(synthetic.COLOURS):
-        raise ValueError(
-            f"min_subjects, max_subjects: expected 1 <= min <= max <= {len(synthetic.COLOURS)} (one colour each), "
-            f"got {min_subjects}, {max_subjects}"
-        )
-    if image_size < 8 or reference_size < 8:
-        raise ValueError(f"image_size and reference_size: expected at least 8 pixels, got {image_size}, {reference_size}")
-    rng = np.random.default_rng(seed)
-    records = []
-    written_references: set[str] = set()
-    for number in range(samples):
-        subjects = synthetic.sample_subjects(rng, int(rng.integers(min_subjects, max_subjects + 1)))
-        image, masks = _scene_with_visible_subjects(subjects, image_size, rng)
-        target = f"targets/{number:05d}.png"
-        _save_rgb(image, out_dir / target)
-        subject_records = []
-        for k, (subject, mask) in enumerate(zip(subjects, masks)):
-            stem = f"references/{subject.colour}-{subject.shape}"
-            if stem not in written_references:
-                reference = synthetic.render_reference(subject, reference_size)
-                _save_rgb(reference, out_dir / f"{stem}.png")
-                _save_mask((reference != 255).any(axis=-1), out_dir / f"{stem}-mask.png")
-                written_references.add(stem)
-            mask_path = f"masks/{number:05d}-{k}.png"
-            _save_mask(mask, out_dir / mask_path)
-            subject_records.append(SubjectRecord(f"{stem}.png", subject.shape, subject.caption, mask_path, f"{stem}-mask.png"))
-        records.append(SampleRecord(target, synthetic.scene_prompt(subjects), tuple(subject_records)))
-    return write_manifest(records, out_dir / MANIFEST_NAME)

@@ -28,7 +28,7 @@ from typing import Iterable, NamedTuple, Sequence
 import numpy as np
 from PIL import Image
 
-from rl_align.tasks import ManifestError
+from rl_align.core.errors import ManifestError
 
 SAMPLE_KEYS = ("target", "prompt", "subjects", "layout")
 SUBJECT_KEYS = ("reference", "category", "caption", "mask", "reference_mask")

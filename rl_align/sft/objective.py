@@ -1,42 +1,30 @@
-"""Supervised warm-start objectives: flow matching plus each stage's regularizer, and one training step.
+"""Supervised warm-start objectives: flow matching plus the stage's regularizer, and one training step.
 
 Every stage trains the velocity with the flow-matching loss (FLUX convention, as the samplers use it):
-x_t = (1 - t) x0 + t eps, target v = eps - x0, L_diff = mean ||v_theta(x_t, t) - v||^2. On top:
+x_t = (1 - t) x0 + t eps, target v = eps - x0, L_diff = mean ||v_theta(x_t, t) - v||^2. What each stage adds
+(attention switches, item phrases, condition ids, a regularizer) comes from its recipe in
+``rl_align.sft.stages``.
 
-| stage | attention switches | extra loss |
-| --- | --- | --- |
-| single | none | none (MultiCrafter's single-subject pre-training) |
-| idar | map capture in double blocks | lambda Dice(maps, masks), lambda 0.3 (MultiCrafter Eq. 4-6) |
-| diptych | MUSAR static routing; dual-branch LoRA | none; data curriculum single -> 80/20 -> same category |
-| position_id | Dynamic Attention Modulation; condition-id positions (policy.condition_categories) | none (One-for-All) |
-| routing | prompt routing-map capture | lambda mean ||M - M_gt||^2, lambda 0.1 (AnyStory Eq. 4) |
-
-Samples of a batch share position ids and the token layout; position_id, whose text ids place each item
-phrase, splits a batch into groups whose phrases fall on the same prompt tokens and accumulates their
-gradients weighted by group size, so the loss is the batch mean whatever the split.
+Samples of a batch share position ids and the token layout; a stage whose position ids place each item
+phrase (position_id) splits a batch into groups whose phrases fall on the same prompt tokens and
+accumulates their gradients weighted by group size, so the loss is the batch mean whatever the split.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import math
-from typing import Callable, Literal, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from policies import AttentionSwitches, Conditioning, FluxPolicy, PolicyConfig, dice_loss, load_balancing_loss, mask_tokens, routing_loss
-from rl_align.distributed import sum_gradients
-from rl_align.sft_config import DiptychConfig, OptimConfig, SFTConfig, TimestepConfig
-from rl_align.sft_data import SFTBatch
-from rl_align.sft_manifest import ManifestProblem, SampleRecord
-from samplers.noise import key_seed
+from policies import Conditioning, FluxPolicy, load_balancing_loss, mask_tokens
+from rl_align.core.optim import apply_step
+from rl_align.sft.config import OptimConfig, SFTConfig, TimestepConfig
+from rl_align.sft.data import SFTBatch
+from rl_align.sft.manifest import ManifestProblem, SampleRecord
+from rl_align.sft.stages import stage_recipe
 
-log = logging.getLogger(__name__)
-
-PHRASE_STAGES = ("position_id", "routing")  # stages that locate each subject's caption in the prompt
-DiptychSource = Literal["single", "random", "same_category"]
 
 
 # ---- pure parts -----------------------------------------------------------------------------------------
@@ -76,40 +64,6 @@ def learning_rate_at(step: int, steps: int, cfg: OptimConfig) -> float:
     return rate
 
 
-def diptych_source(step: int, cfg: DiptychConfig, seed: int) -> DiptychSource:
-    """MUSAR's three-phase curriculum: single-subject batches for single_steps, then for mixed_steps a
-    seeded draw of single-subject batches (mixed_single_fraction) or random-pair diptychs, then
-    same-category diptychs."""
-    if step < cfg.single_steps:
-        return "single"
-    if step < cfg.single_steps + cfg.mixed_steps:
-        draw = key_seed("diptych-mix", seed, step) / 2**63
-        return "single" if draw < cfg.mixed_single_fraction else "random"
-    return "same_category"
-
-
-def stage_policy(policy: PolicyConfig, stage: str) -> PolicyConfig:
-    """The policy a stage trains: diptych puts MUSAR's dual-branch LoRA on the attention projections in
-    place of plain LoRA; position_id uses One-for-All's condition-id positions with the temperature MLP.
-    Other stages train the configured adapters as they are."""
-    if stage == "diptych":
-        return dataclasses.replace(
-            policy, lora=dataclasses.replace(policy.lora, enabled=False), dual_branch=dataclasses.replace(policy.dual_branch, enabled=True)
-        )
-    if stage == "position_id":
-        return dataclasses.replace(policy, position_scheme="condition_id", attention=dataclasses.replace(policy.attention, temperature=True))
-    return policy
-
-
-def stage_switches(stage: str) -> AttentionSwitches:
-    return {
-        "idar": AttentionSwitches(capture=True),
-        "diptych": AttentionSwitches(static_routing=True),
-        "position_id": AttentionSwitches(temperature=True),
-        "routing": AttentionSwitches(capture_routing=True),
-    }.get(stage, AttentionSwitches())
-
-
 # ---- the objective on a policy --------------------------------------------------------------------------
 
 
@@ -128,37 +82,27 @@ class StageObjective:
     """The loss of ``cfg.stage`` for batches of the stage's data, on ``policy``."""
 
     def __init__(self, policy: FluxPolicy, cfg: SFTConfig):
-        self.policy, self.cfg, self.stage = policy, cfg, cfg.stage
-        self.switches = stage_switches(cfg.stage)
+        self.policy, self.cfg = policy, cfg
+        self.stage = stage_recipe(cfg.stage)
+        self.switches = self.stage.switches
 
     def condition_ids(self, categories: Sequence[str]) -> tuple[int, ...] | None:
-        return self.policy.condition_ids(categories) if self.stage == "position_id" else None
+        return self.policy.condition_ids(categories) if self.stage.condition_ids else None
 
     def check_samples(self, samples: Sequence[SampleRecord]) -> list[ManifestProblem]:
-        """What the stage needs beyond a valid manifest: captions inside their prompts (phrase stages)
-        and categories with a condition id (position_id)."""
+        """The samples the stage cannot use (``StageRecipe.check_sample``), with their manifest lines."""
         problems = []
         for sample in samples:
-            reasons = []
-            if self.stage == "position_id":
-                try:
-                    self.policy.condition_ids([s.category for s in sample.subjects])
-                except ValueError as exc:
-                    reasons.append(str(exc))
-            if self.stage in PHRASE_STAGES:
-                try:
-                    self.policy.item_spans(sample.prompt, [s.caption for s in sample.subjects])
-                except ValueError as exc:
-                    reasons.append(f"stage {self.stage} needs each caption in the prompt: {exc}")
+            reasons = self.stage.check_sample(self.policy, sample)
             if reasons:
                 problems.append(ManifestProblem(sample.line, "; ".join(reasons)))
         return problems
 
     def groups(self, batch: SFTBatch) -> list[list[int]]:
-        """Sample indices that can share one conditioning: position_id's text ids place each phrase, and
-        ids are shared by a batch, so its samples group by phrase spans (and condition ids). Routing maps
-        take each sample's own spans: one group."""
-        if self.stage != "position_id":
+        """Sample indices that can share one conditioning: position ids are shared by a batch, so when
+        they place each phrase (shared spans) the samples group by phrase spans and condition ids.
+        Per-sample spans (routing maps) keep the batch whole."""
+        if self.stage.phrase_spans != "shared":
             return [list(range(len(batch.prompts)))]
         keyed: dict[tuple, list[int]] = {}
         for i, (prompt, captions, categories) in enumerate(zip(batch.prompts, batch.captions, batch.categories)):
@@ -169,14 +113,21 @@ class StageObjective:
     def conditioning(self, batch: SFTBatch) -> Conditioning:
         """One conditioning for a batch whose samples share phrase spans and condition ids."""
         prompts = self.policy.encode_prompts(batch.prompts)
-        spans = [self.policy.item_spans(p, c) for p, c in zip(batch.prompts, batch.captions)] if self.stage in PHRASE_STAGES else None
-        if self.stage == "position_id":  # the group's captions may differ but fall on the same tokens
+        spans = None
+        if self.stage.phrase_spans != "none":
+            spans = [self.policy.item_spans(p, c) for p, c in zip(batch.prompts, batch.captions)]
+        if self.stage.phrase_spans == "shared":  # the group's captions may differ but fall on the same tokens
             prompts = prompts._replace(item_spans=spans[0])
         height, width = batch.targets.shape[-2:]
         conditioning = self.policy.condition(prompts, batch.references, height, width, condition_ids=self.condition_ids(batch.categories[0]))
-        if self.stage == "routing":
+        if self.stage.phrase_spans == "per_sample":
             conditioning = conditioning._replace(sample_item_spans=tuple(spans))
         return conditioning
+
+    def plotted_terms(self) -> list[str]:
+        """The loss terms this run can make non-zero."""
+        extra = [self.stage.loss_term] if self.stage.loss_term else []
+        return ["total", "flow", *extra] + (["balance"] if self.cfg.optim.load_balancing_weight > 0 else [])
 
     def loss(self, batch: SFTBatch, noise: torch.Tensor, t: torch.Tensor) -> LossTerms:
         """The stage's loss of one conditioning group. noise (B, C, h, w) and t (B,) fix the flow sample."""
@@ -187,21 +138,17 @@ class StageObjective:
         out = policy(x_t, t, conditioning, self.switches)
         flow = F.mse_loss(out.velocity, target)
         zero = flow.new_zeros(())
-        attention = routing = balance = zero
+        terms = {"flow": flow, "attention": zero, "routing": zero, "balance": zero}
         total = flow
-        if self.stage in ("idar", "routing"):
+        if self.stage.loss_term is not None:
             masks = mask_tokens(batch.masks.to(flow.device), conditioning.noisy_grid)
-            if self.stage == "idar":
-                attention = dice_loss(out.attention_maps, masks)
-                total = total + self.cfg.idar.attention_weight * attention
-            else:
-                routing = routing_loss(out.routing_maps, masks)
-                total = total + self.cfg.routing.routing_weight * routing
+            terms[self.stage.loss_term] = self.stage.regularizer(out, masks)
+            total = total + self.stage.regularizer_weight(self.cfg) * terms[self.stage.loss_term]
         if self.cfg.optim.load_balancing_weight > 0 and out.router:
             top_k = policy.cfg.moe_lora.top_k
-            balance = torch.stack([load_balancing_loss(r.logits, top_k) for r in out.router]).mean()
-            total = total + self.cfg.optim.load_balancing_weight * balance
-        return LossTerms(total, flow, attention, routing, balance)
+            terms["balance"] = torch.stack([load_balancing_loss(r.logits, top_k) for r in out.router]).mean()
+            total = total + self.cfg.optim.load_balancing_weight * terms["balance"]
+        return LossTerms(total=total, **terms)
 
     def flow_sample(self, batch: SFTBatch, key: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Noise (B, C, h, w) and times (B,) drawn from ``key`` for the whole batch, before any split into
@@ -242,8 +189,8 @@ def train_step(
     total_samples: int | None = None,
     all_reduce: Callable[[torch.Tensor], None] | None = None,
 ) -> StepStats:
-    """One optimizer step on ``batch`` with the flow sample drawn from ``key``. A non-finite loss or
-    gradient skips the step with a warning instead of corrupting the adapters.
+    """One optimizer step on ``batch`` with the flow sample drawn from ``key``, finished by the shared
+    ``apply_step``: a non-finite loss or gradient skips it with a warning instead of corrupting the adapters.
 
     Data-parallel ranks pass ``total_samples`` (the samples of every rank's batch) and an in-place sum
     ``all_reduce``: each rank's loss counts by its share of all samples, gradients and loss terms are
@@ -254,24 +201,12 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     share = len(batch.prompts) / total_samples if total_samples is not None else 1.0
     terms = objective.batch_loss(batch, key, backward=True, scale=share)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     if all_reduce is not None:
-        sum_gradients(params, all_reduce)
         summed = torch.stack([share * v.detach().double().cpu() for v in terms])
         all_reduce(summed)
         terms = LossTerms(*summed.float())
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, objective.cfg.optim.max_grad_norm))
-    skipped = not (math.isfinite(grad_norm) and math.isfinite(float(terms.total)))
-    if skipped:
-        log.warning("non-finite loss %.4g or grad norm %.4g on manifest lines %s: step skipped", float(terms.total), grad_norm, batch.lines)
-        optimizer.zero_grad(set_to_none=True)
-    else:
-        optimizer.step()
-    return StepStats(terms, grad_norm, skipped)
-
-
-def make_optimizer(policy: FluxPolicy, cfg: OptimConfig) -> torch.optim.AdamW:
-    params = policy.trainable_parameters()
-    if not params:
-        raise ValueError("the policy has no trainable adapters: enable policy.lora, policy.moe_lora or policy.dual_branch")
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    outcome = apply_step(
+        optimizer, objective.cfg.optim.max_grad_norm, loss_finite=math.isfinite(float(terms.total)), all_reduce=all_reduce,
+        what=f"loss {float(terms.total):.4g} on manifest lines {list(batch.lines)}",
+    )
+    return StepStats(terms, outcome.grad_norm, outcome.skipped)

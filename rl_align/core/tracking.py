@@ -14,6 +14,13 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+def due(count: int, every: int, last: int) -> bool:
+    """Whether a periodic output is due: ``count`` is the number of policy updates behind what it records
+    (the updates a sample grid's rollout saw, the steps a checkpoint holds) and ``last`` that count at
+    the end of the run. Every cadence of both trainers goes through this one rule."""
+    return count % every == 0 or count == last
+
+
 class MetricsLog:
     """Appends one line per iteration to ``run_dir/metrics.jsonl`` and mirrors the scalars to
     TensorBoard under ``run_dir/tensorboard``. On resume it first drops lines of iterations at or after

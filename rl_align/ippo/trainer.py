@@ -1,0 +1,220 @@
+"""IPPO with GSPO (MultiCrafter Sec. 4.4, Algorithm 1): ``train(cfg)`` runs a whole run on Ray workers.
+
+    open the run folder -> start the workers -> restore a checkpoint or warm start
+    -> for each iteration: launch_rollouts (each chunk's images go straight to a reward worker)
+       -> collect_rewards -> compute_advantages -> update_learners (transitions go straight to the
+       learners; the new adapters go straight to the next rollouts) -> log, samples, plots, checkpoint.
+
+The phases take any ``Workers`` (rl_align/ippo/workers.py): ``RayWorkers`` for training, ``LocalWorkers``
+in one process for benchmarks. The driver fetches only rewards and statistics, plus sample images and
+checkpoints when it saves them; ``driver/fetched_bytes`` in metrics.jsonl counts it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from rewards import RewardResult
+from rl_align.core.checkpoints import load_checkpoint, save_checkpoint
+from rl_align.core.config import save_config
+from rl_align.core.runs import RunResult, create_run_dir, setup_logging
+from rl_align.core.tracking import MetricsLog, due, plot_curves, read_metrics, save_image_grid
+from rl_align.ippo.actors import RayWorkers
+from rl_align.ippo.advantages import group_advantages, weighted_component_advantages
+from rl_align.ippo.config import GSPOTrainConfig
+from rl_align.ippo.learner import LearnerConfig, UpdateStats
+from rl_align.ippo.tasks import Task, TaskSource, build_task_source
+from rl_align.ippo.workers import Handle, Workers
+from samplers import GroupKey
+
+log = logging.getLogger("train_gspo")
+
+
+class LaunchedChunk(NamedTuple):
+    """One rollout call in flight: handles of its images, transitions and scores."""
+
+    group: int
+    sample_ids: tuple[int, ...]
+    images: Handle  # (n, H, W, 3) uint8
+    transitions: Handle  # tuple[WindowTransition, ...]
+    scores: Handle  # RewardResult of the n images
+
+
+class IterationLaunch(NamedTuple):
+    iteration: int
+    window: tuple[int, ...]  # the SDE steps of this iteration
+    tasks: tuple[Task, ...]  # one per group
+    chunks: tuple[LaunchedChunk, ...]  # every chunk of every group, group-major
+
+
+class IterationRewards(NamedTuple):
+    """Samples in chunk order (group-major)."""
+
+    rewards: torch.Tensor  # (n,) weighted sum
+    components: dict[str, torch.Tensor]  # name -> (n,) unweighted
+    group_ids: torch.Tensor  # (n,)
+
+
+class IterationResult(NamedTuple):
+    launch: IterationLaunch
+    rewards: IterationRewards
+    stats: UpdateStats
+    adapters: Handle  # the adapter state after the update
+    seconds: dict[str, float]  # rollout, reward, update
+
+
+# ---- phases ---------------------------------------------------------------------------------------------
+
+
+def launch_rollouts(workers: Workers, cfg: GSPOTrainConfig, tasks: TaskSource, iteration: int, version: int, adapters: Handle) -> IterationLaunch:
+    """Roll out every chunk of every group with this iteration's window and send each chunk's images to a
+    reward worker as soon as they exist (Ray schedules the scoring on the rollout's output)."""
+    window = tuple(cfg.sampler.window(iteration, cfg.run.seed))
+    group_tasks = tuple(tasks.task(iteration, g) for g in range(cfg.rollout.groups_per_iteration))
+    chunks = []
+    for g, task in enumerate(group_tasks):
+        for sample_ids in cfg.rollout.chunks():
+            slot = len(chunks)
+            images, transitions = workers.rollout(slot, version, adapters, task, GroupKey(cfg.run.seed, iteration, g), sample_ids, window)
+            chunks.append(LaunchedChunk(g, tuple(sample_ids), images, transitions, workers.score(slot, images, task)))
+    return IterationLaunch(iteration, window, group_tasks, tuple(chunks))
+
+
+def collect_rewards(workers: Workers, launch: IterationLaunch, components: Sequence[str]) -> IterationRewards:
+    """Fetch every chunk's scores (the driver's only per-sample data)."""
+    scores: list[RewardResult] = workers.fetch([c.scores for c in launch.chunks])
+    group_ids = torch.tensor([c.group for c in launch.chunks for _ in c.sample_ids])
+    rewards = torch.tensor(np.concatenate([s.rewards for s in scores]), dtype=torch.float32)
+    by_name = {name: torch.tensor(np.concatenate([s.components[name] for s in scores]), dtype=torch.float32) for name in components}
+    return IterationRewards(rewards, by_name, group_ids)
+
+
+def compute_advantages(rewards: IterationRewards, cfg: LearnerConfig, weights: dict[str, float]) -> torch.Tensor:
+    """(n,) group-normalized advantages, of the weighted reward or of each component before weighting."""
+    if cfg.per_component_advantages:
+        return weighted_component_advantages(rewards.components, weights, rewards.group_ids, cfg.advantage_eps, cfg.advantage_clip)
+    return group_advantages(rewards.rewards, rewards.group_ids, cfg.advantage_eps, cfg.advantage_clip)
+
+
+def update_learners(workers: Workers, launch: IterationLaunch, advantages: torch.Tensor, learners: int) -> tuple[UpdateStats, Handle]:
+    """One optimizer step: chunks dealt round-robin to the learner ranks, each with its task and its
+    advantages; returns rank 0's statistics (every rank agrees) and the new adapters' handle."""
+    per_rank: list[list] = [[] for _ in range(learners)]
+    offset = 0
+    for i, chunk in enumerate(launch.chunks):
+        n = len(chunk.sample_ids)
+        per_rank[i % learners].append((launch.tasks[chunk.group], chunk.transitions, advantages[offset : offset + n].numpy()))
+        offset += n
+    stats, adapters = workers.update(per_rank, len(advantages))
+    return workers.fetch(stats)[0], adapters
+
+
+def run_iteration(workers: Workers, cfg: GSPOTrainConfig, tasks: TaskSource, iteration: int, version: int, adapters: Handle) -> IterationResult:
+    """Rollout, rewards, advantages and update of one iteration."""
+    started = time.perf_counter()
+    launch = launch_rollouts(workers, cfg, tasks, iteration, version, adapters)
+    workers.wait([c.images for c in launch.chunks])
+    rolled = time.perf_counter()
+    rewards = collect_rewards(workers, launch, list(cfg.reward.resolved_weights()))
+    scored = time.perf_counter()
+    advantages = compute_advantages(rewards, cfg.learner, cfg.reward.resolved_weights())
+    stats, new_adapters = update_learners(workers, launch, advantages, cfg.workers.learners)
+    seconds = {"rollout": rolled - started, "reward": scored - rolled, "update": time.perf_counter() - scored}
+    return IterationResult(launch, rewards, stats, new_adapters, seconds)
+
+
+def iteration_metrics(result: IterationResult) -> dict[str, float]:
+    rewards, stats = result.rewards, result.stats
+    record = {"reward/mean": rewards.rewards.mean(), "reward/std": rewards.rewards.std()}
+    for name, values in rewards.components.items():
+        record[f"reward/{name}/mean"], record[f"reward/{name}/std"] = values.mean(), values.std()
+    record.update({
+        "loss": stats.loss, "ratio_mean": stats.ratio_mean, "clip_fraction": stats.clip_fraction, "kl": stats.kl,
+        "grad_norm": stats.grad_norm, "skipped_update": float(stats.skipped), "window_start": result.launch.window[0],
+    })
+    record.update({f"time/{name}": value for name, value in result.seconds.items()})
+    return record
+
+
+def save_samples(workers: Workers, result: IterationResult, path: Path, columns: int) -> None:
+    """The iteration's images, a group per row, each captioned with its reward."""
+    images = np.concatenate(workers.fetch([c.images for c in result.launch.chunks]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image_grid(images, path, columns=columns, captions=[f"{float(r):.3f}" for r in result.rewards.rewards])
+
+
+def open_run(cfg: GSPOTrainConfig, resume: Path | None) -> Path:
+    if resume is not None:
+        save_config(cfg, resume / "config.yaml")
+        run_dir = resume
+    else:
+        run_dir = create_run_dir(cfg.run, cfg, prefix="gspo")
+    setup_logging(run_dir)
+    log.info("run folder %s", run_dir.resolve())
+    return run_dir
+
+
+def restore(workers: Workers, cfg: GSPOTrainConfig, run_dir: Path, resume: bool) -> int:
+    """Iterations already done: a resumed run's checkpoint, else 0 after an optional warm start."""
+    if resume:
+        checkpoint = load_checkpoint(run_dir)
+        workers.restore(checkpoint)
+        log.info("resumed after iteration %d (window %s)", checkpoint.completed, cfg.sampler.window(checkpoint.completed, cfg.run.seed))
+        return checkpoint.completed
+    if cfg.init_adapters:
+        workers.load_adapters(cfg.init_adapters)
+        log.info("warm start from adapters in %s", cfg.init_adapters)
+    return 0
+
+
+# ---- the recipe -----------------------------------------------------------------------------------------
+
+
+def train(cfg: GSPOTrainConfig, resume: Path | None = None) -> RunResult:
+    """Run ``cfg.iterations`` IPPO iterations on a Ray cluster (continuing the run folder ``resume`` after
+    its newest checkpoint). Raises SetupError when the cluster cannot hold the workers."""
+    run_dir = open_run(cfg, resume)
+    tasks = build_task_source(cfg.tasks, cfg.run.seed)
+    workers = RayWorkers(cfg)
+    try:
+        start = restore(workers, cfg, run_dir, resume is not None)
+        adapters = workers.adapters()
+        metrics = MetricsLog(run_dir, resume_from=start if resume is not None else None)
+        progress = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="IPPO", dynamic_ncols=True)
+        for iteration in progress:
+            fetched_before = workers.fetched_bytes
+            result = run_iteration(workers, cfg, tasks, iteration, iteration, adapters)
+            adapters = result.adapters
+            if due(iteration, cfg.output.sample_every, cfg.iterations - 1):  # the rollouts of a policy after `iteration` updates
+                save_samples(workers, result, run_dir / "samples" / f"iteration-{iteration:08d}.png", cfg.rollout.group_size)
+            record = iteration_metrics(result)
+            record["driver/fetched_bytes"] = workers.fetched_bytes - fetched_before
+            metrics.write(iteration, record)
+            progress.set_postfix(reward=f"{float(result.rewards.rewards.mean()):.4f}", window=result.launch.window[0])
+            done = iteration + 1
+            if due(done, cfg.output.plot_every, cfg.iterations):
+                plot_curves(read_metrics(metrics.path), ["reward/mean", "loss", "clip_fraction", "grad_norm"], run_dir / "reward_curve.png",
+                            title=f"IPPO {run_dir.name}", smooth=5)
+            if due(done, cfg.output.checkpoint_every, cfg.iterations):
+                save_checkpoint(run_dir, workers.checkpoint(done), keep=cfg.output.keep_checkpoints)
+        metrics.close()
+        workers.save_adapters(str(run_dir / "adapters"))
+    finally:
+        workers.close()
+    return RunResult(run_dir, cfg.iterations, run_dir / "adapters", _summarize(run_dir))
+
+
+def _summarize(run_dir: Path) -> dict[str, float]:
+    """Log the mean reward of the first and the last fifth of the run's iterations."""
+    rewards = [r["reward/mean"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("reward/mean") is not None]
+    fifth = max(1, len(rewards) // 5)
+    first, last = sum(rewards[:fifth]) / fifth, sum(rewards[-fifth:]) / fifth
+    log.info("done: mean reward %.4f over the first %d iterations, %.4f over the last %d; adapters in %s", first, fifth, last, fifth, run_dir / "adapters")
+    return {"reward_first_fifth": first, "reward_last_fifth": last}

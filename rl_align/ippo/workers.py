@@ -1,0 +1,200 @@
+"""The three IPPO roles as plain objects (no Ray): a rollout runner, a reward runner and a learner rank.
+The Ray actors (rl_align/ippo/actors.py) each wrap one; ``LocalWorkers`` runs all of them in this
+process behind the same driver interface, for benchmarks and tests without a cluster.
+
+The driver interface (``Workers``) deals in handles: on Ray they are object references, so the driver
+passes rollout images to reward workers and transitions to learners without receiving them; locally they
+are the values themselves. The driver calls ``fetch`` only for what it logs or saves.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from policies import FluxPolicy, PolicyConfig
+from rewards import RewardConfig, RewardResult, ScoreBatch, build_reward
+from rl_align.core.checkpoints import Checkpoint
+from rl_align.core.distributed import Communicator
+from rl_align.core.optim import make_optimizer
+from rl_align.ippo.config import GSPOTrainConfig
+from rl_align.ippo.learner import GroupTransitions, LearnerConfig, UpdateStats, policy_update
+from rl_align.ippo.rollout import ChunkRollout, ReferenceVelocity, RolloutConfig, rollout_chunk, task_conditioning
+from rl_align.ippo.tasks import Task
+from samplers import GroupKey, SamplerConfig, WindowTransition
+
+Handle = Any  # an object reference (Ray) or the value itself (LocalWorkers)
+
+
+def torch_device(gpus: float) -> torch.device:
+    return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+
+
+class RolloutRunner:
+    """A policy copy that rolls out chunks of groups with the mixed ODE/SDE sampler."""
+
+    def __init__(self, policy_cfg: PolicyConfig, sampler_cfg: SamplerConfig, rollout_cfg: RolloutConfig, device: torch.device):
+        self.policy = FluxPolicy.from_config(policy_cfg).to(device).eval()
+        self.sampler_cfg, self.rollout_cfg = sampler_cfg, rollout_cfg
+        self.version: int | None = None  # the adapter version loaded
+
+    def rollout(self, version: int, adapters: dict[str, torch.Tensor] | None, task: Task, key: GroupKey,
+                sample_ids: Sequence[int], window: Sequence[int]) -> ChunkRollout:
+        """Roll out with adapter ``version``, loading ``adapters`` first when this copy holds another one."""
+        if version != self.version:
+            self.policy.load_adapter_state(adapters, source=f"adapter version {version}")
+            self.version = version
+        return rollout_chunk(self.policy, task, key, sample_ids, window, self.sampler_cfg, self.rollout_cfg)
+
+
+class RewardRunner:
+    """Scores images in-process with the composite reward, or through a reward server's client."""
+
+    def __init__(self, reward_cfg: RewardConfig, url: str, token_env: str):
+        if url:
+            from rewards.client import RewardClient
+
+            self.model = RewardClient(url, token=os.environ.get(token_env) or None)
+        else:
+            self.model = build_reward(reward_cfg)
+
+    def score(self, images: np.ndarray, task: Task) -> RewardResult:
+        n = len(images)
+        return self.model.score(ScoreBatch(list(images), [task.prompt] * n, [task.references] * n))
+
+
+class LearnerRank:
+    """One rank of the learner: a policy copy with an optimizer. All ranks start from the same weights
+    (same config and seeds) and take the same steps (gradients summed over ranks by ``comm``)."""
+
+    def __init__(self, policy_cfg: PolicyConfig, learner_cfg: LearnerConfig, rollout_cfg: RolloutConfig, device: torch.device):
+        self.device = device
+        # eval mode throughout: dropout would make the learner's forward differ from the rollout's.
+        self.policy = FluxPolicy.from_config(policy_cfg).to(device).eval()
+        self.learner_cfg, self.rollout_cfg = learner_cfg, rollout_cfg
+        self.optimizer = make_optimizer(self.policy.trainable_parameters(), learner_cfg)
+        self.comm = Communicator(0, 1, device)
+
+    def update(self, items: Sequence[tuple[Task, Sequence[WindowTransition], np.ndarray]], total_samples: int) -> UpdateStats:
+        """One step over this rank's chunks: (task, window transitions, advantages (n,)) each."""
+        conditionings = [task_conditioning(self.policy, task, self.rollout_cfg) for task, _, _ in items]
+        chunks = [GroupTransitions(i, tuple(transitions), torch.tensor(adv, dtype=torch.float32)) for i, (_, transitions, adv) in enumerate(items)]
+        return policy_update(
+            chunks,
+            lambda i: self.policy.velocity_fn(conditionings[i]),
+            self.optimizer,
+            self.learner_cfg,
+            reference_of=(lambda i: ReferenceVelocity(self.policy, conditionings[i])) if self.learner_cfg.kl_beta > 0 else None,
+            total_samples=total_samples,
+            all_reduce=self.comm.all_reduce if self.comm.world > 1 else None,
+        )
+
+    def checkpoint(self, completed: int) -> Checkpoint:
+        return Checkpoint(completed, self.policy.adapter_state(), self.optimizer.state_dict())
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        self.policy.load_adapter_state(checkpoint.adapters, source="the checkpoint")
+        self.optimizer.load_state_dict(checkpoint.optimizer)
+
+
+class Workers(Protocol):
+    """What the IPPO driver asks of its workers (Ray actors or ``LocalWorkers``)."""
+
+    def adapters(self) -> Handle:
+        """The learner's current adapter state."""
+
+    def rollout(self, slot: int, version: int, adapters: Handle, task: Task, key: GroupKey, sample_ids: Sequence[int],
+                window: Sequence[int]) -> tuple[Handle, Handle]:
+        """Roll out on rollout worker ``slot`` (modulo their count): (images (n, H, W, 3) uint8, transitions)."""
+
+    def score(self, slot: int, images: Handle, task: Task) -> Handle:
+        """A RewardResult of the images, from reward worker ``slot`` (modulo their count)."""
+
+    def wait(self, handles: Sequence[Handle]) -> None:
+        """Block until the handles' values exist, without fetching them."""
+
+    def update(self, items_per_rank: Sequence[Sequence[tuple[Task, Handle, np.ndarray]]], total_samples: int) -> tuple[Handle, Handle]:
+        """One step on every learner rank: (UpdateStats of each rank, the new adapter state)."""
+
+    def fetch(self, handles: Sequence[Handle]) -> list[Any]:
+        """The values (counted in ``fetched_bytes``)."""
+
+    def checkpoint(self, completed: int) -> Checkpoint: ...
+
+    def restore(self, checkpoint: Checkpoint) -> None: ...
+
+    def load_adapters(self, folder: str) -> None: ...
+
+    def save_adapters(self, folder: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def payload_bytes(value: Any) -> int:
+    """Bytes of the arrays and tensors inside ``value`` (nested tuples, lists, dicts, NamedTuples and
+    dataclasses), plus 8 per other leaf: the size of what a driver fetch moves."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(payload_bytes(k) + payload_bytes(v) for k, v in value.items())
+    if isinstance(value, (tuple, list)):
+        return sum(payload_bytes(v) for v in value)
+    if hasattr(value, "__dataclass_fields__"):
+        return sum(payload_bytes(getattr(value, name)) for name in value.__dataclass_fields__)
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    return 8
+
+
+class LocalWorkers:
+    """One rollout runner, one reward runner and one learner rank in this process; handles are values."""
+
+    def __init__(self, cfg: GSPOTrainConfig, device: str = "cpu"):
+        device = torch.device(device)
+        self.rollout_runner = RolloutRunner(cfg.policy, cfg.sampler, cfg.rollout, device)
+        self.reward_runner = RewardRunner(cfg.reward, cfg.workers.reward_url, cfg.workers.reward_token_env)
+        self.learner = LearnerRank(cfg.policy, cfg.learner, cfg.rollout, device)
+        self.fetched_bytes = 0
+
+    def adapters(self) -> Handle:
+        return self.learner.policy.adapter_state()
+
+    def rollout(self, slot, version, adapters, task, key, sample_ids, window):
+        chunk = self.rollout_runner.rollout(version, adapters, task, key, sample_ids, window)
+        return chunk.images, chunk.transitions
+
+    def score(self, slot, images, task):
+        return self.reward_runner.score(images, task)
+
+    def wait(self, handles) -> None:
+        return None
+
+    def update(self, items_per_rank, total_samples):
+        if len(items_per_rank) != 1:
+            raise ValueError(f"LocalWorkers has one learner rank, got items for {len(items_per_rank)}")
+        return [self.learner.update(items_per_rank[0], total_samples)], self.learner.policy.adapter_state()
+
+    def fetch(self, handles):
+        values = list(handles)
+        self.fetched_bytes += sum(payload_bytes(v) for v in values)
+        return values
+
+    def checkpoint(self, completed: int) -> Checkpoint:
+        return self.learner.checkpoint(completed)
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        self.learner.restore(checkpoint)
+
+    def load_adapters(self, folder: str) -> None:
+        self.learner.policy.load_adapters(folder)
+
+    def save_adapters(self, folder: str) -> None:
+        self.learner.policy.save_adapters(folder)
+
+    def close(self) -> None:
+        return None
