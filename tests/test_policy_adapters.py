@@ -128,6 +128,17 @@ def test_save_then_load_gives_identical_outputs(tmp_path, overrides):
     with torch.no_grad():
         expected = trained(x, sigma, cond, SWITCHES_ON).velocity
     trained.save_adapters(tmp_path)
+    # One format: the files hold exactly adapter_state(), the weights rollout workers and checkpoints get,
+    # and it carries every adapter tensor.
+    state, files = trained.adapter_state(), {}
+    for name in ("pytorch_lora_weights.safetensors", "policy_adapters.safetensors"):
+        if (tmp_path / name).is_file():
+            files.update(load_file(str(tmp_path / name)))
+    assert files.keys() == state.keys() and all(torch.equal(files[k], state[k]) for k in state)
+    copy = tiny_policy(adapter_seed=7, **overrides)
+    copy.load_adapter_state(state)
+    for (name, value), (_, copied) in zip(trained.named_parameters(), copy.named_parameters()):
+        assert torch.equal(value, copied), name  # every adapter tensor, trainable or frozen, travels
 
     fresh = tiny_policy(adapter_seed=7, **overrides)
     with torch.no_grad():
