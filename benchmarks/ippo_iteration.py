@@ -29,7 +29,7 @@ from rewards.config import WeightsConfig
 from rl_align.ippo.actors import Learner, RolloutWorker
 from rl_align.ippo.config import GSPOTrainConfig
 from rl_align.ippo.learner import LearnerConfig
-from rl_align.ippo.rollout import RolloutConfig, task_conditioning
+from rl_align.ippo.rollout import ChunkTransitions, RolloutConfig, task_conditioning
 from rl_align.ippo.tasks import Task, TaskSource, build_task_source
 from rl_align.ippo.trainer import run_iteration
 from rl_align.ippo.workers import LocalWorkers
@@ -58,11 +58,12 @@ class SubsetStepWorkers(LocalWorkers):
     subset costs nothing to pick, so the rollout time is that of the full SDE trajectory."""
 
     def rollout(self, slot, version, adapters, task, key, sample_ids, window):
-        images, transitions = super().rollout(slot, version, adapters, task, key, sample_ids, window)
+        images, chunk = super().rollout(slot, version, adapters, task, key, sample_ids, window)
         generator = torch.Generator().manual_seed(key_seed("train-steps", *key))
-        keep = max(1, round(GRPO_TRAIN_FRACTION * len(transitions)))
-        chosen = sorted(torch.randperm(len(transitions), generator=generator)[:keep].tolist())
-        return images, tuple(transitions[i] for i in chosen)
+        keep = max(1, round(GRPO_TRAIN_FRACTION * len(chunk.transitions)))
+        chosen = sorted(torch.randperm(len(chunk.transitions), generator=generator)[:keep].tolist())
+        experts = tuple(chunk.experts[i] for i in chosen) if chunk.experts is not None else None
+        return images, ChunkTransitions(tuple(chunk.transitions[i] for i in chosen), experts)
 
 
 class IterationRunner:

@@ -89,9 +89,14 @@ class PolicyVelocity:
 
     def __init__(self, policy: "FluxPolicy", conditioning: Conditioning, switches: AttentionSwitches = AttentionSwitches()):
         self.policy, self.conditioning, self.switches = policy, conditioning, switches
+        # MoE-LoRA: the top-1 expert of every routed token in the last call, (B, R) int16 with the
+        # layers' tokens concatenated in call order; None without MoE-LoRA.
+        self.last_experts: torch.Tensor | None = None
 
     def __call__(self, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return self.policy(x_t, sigma, self.conditioning, self.switches).velocity
+        out = self.policy(x_t, sigma, self.conditioning, self.switches)
+        self.last_experts = torch.cat([r.experts[..., 0] for r in out.router], dim=1).to(torch.int16) if out.router else None
+        return out.velocity
 
 
 class FluxPolicy(torch.nn.Module):

@@ -34,6 +34,9 @@ def test_zero_spread_single_sample_and_clipping():
     assert torch.equal(adv[:4], torch.zeros(4))  # zero spread and a group of one give zeros, never NaN
     assert adv[-1] == 5.0  # one outlier among 101 is ~10 std away: clipped to +5
     assert torch.isfinite(adv).all()
+    low = group_advantages(-rewards, groups)
+    assert low[-1] == -5.0  # the lower clip binds the same way
+    assert torch.allclose(low[4:-1], -adv[4:-1])  # unclipped members are untouched
 
 
 def test_non_finite_rewards_are_reported():

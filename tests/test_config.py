@@ -125,3 +125,9 @@ def test_shipped_train_configs_load(name):
 
     cfg = load_config(GSPOTrainConfig, Path(__file__).resolve().parents[1] / "configs" / name)
     assert cfg.sampler.num_steps == 16 and cfg.sampler.window_size == 2
+    assert cfg.learner.minibatches > 1  # several optimizer steps per iteration, so the off-policy steps exist
+    if name != "quickstart.yaml":  # MultiCrafter Algorithm 1 / Appendix B, read as MixGRPO does
+        assert (cfg.iterations, cfg.sampler.window_shift_interval, cfg.sampler.window_stride) == (300, 50, 1)
+        assert cfg.rollout.groups_per_iteration == cfg.workers.learners == 16 and cfg.rollout.chunk_size == 1  # a group per GPU
+        assert (cfg.rollout.image_size, cfg.rollout.reference_size) == (512, 320)
+        assert cfg.learner.minibatches == 4 and cfg.learner.algorithm == "gspo"  # MixGRPO's 4 steps per rollout

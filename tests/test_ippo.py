@@ -15,7 +15,7 @@ from rl_align.core.optim import make_optimizer
 from rl_align.ippo.config import GSPOTrainConfig
 from rl_align.ippo.learner import GroupTransitions, LearnerConfig, policy_update
 from rl_align.ippo.rollout import ReferenceVelocity, RolloutConfig, rollout_chunk, task_conditioning
-from rl_align.ippo.trainer import run_iteration
+from rl_align.ippo.trainer import iteration_metrics, run_iteration
 from rl_align.ippo.workers import LocalWorkers
 from rl_align.ippo.tasks import SyntheticShapeTasks, TaskConfig, build_task_source
 from samplers import GroupKey, SamplerConfig
@@ -38,7 +38,7 @@ def task():
 def test_rollout_gives_images_and_window_transitions(policy, task):
     out = rollout_chunk(policy, task, GroupKey(0, 0, 0), (0, 1), [1, 2], SAMPLER, ROLLOUT)
     assert out.images.shape == (2, 32, 32, 3) and out.images.dtype == np.uint8
-    assert [t.step for t in out.transitions] == [1, 2] and out.transitions[0].x_t.shape[0] == 2
+    assert [t.step for t in out.learner_input.transitions] == [1, 2] and out.learner_input.transitions[0].x_t.shape[0] == 2
     assert not np.array_equal(out.images[0], out.images[1])  # the SDE window makes group members differ
 
 
@@ -46,7 +46,7 @@ def test_learner_log_probs_equal_the_rollout_before_the_first_update(policy, tas
     chunk = rollout_chunk(policy, task, GroupKey(0, 0, 0), (0, 1), [0, 1], SAMPLER, ROLLOUT)
     velocity = policy.velocity_fn(task_conditioning(policy, task, ROLLOUT))
     optimizer = make_optimizer(policy.trainable_parameters(), LearnerConfig())
-    stats = policy_update([GroupTransitions(0, chunk.transitions, torch.tensor([1.0, -1.0]))], lambda g: velocity, optimizer, LearnerConfig())
+    stats = policy_update([GroupTransitions(0, chunk.learner_input.transitions, torch.tensor([1.0, -1.0]))], lambda g: velocity, optimizer, LearnerConfig())
     assert stats.ratio_mean == pytest.approx(1.0, abs=1e-6)
     assert stats.clip_fraction == 0.0
 
@@ -59,7 +59,7 @@ def test_update_changes_only_adapters_and_transports(task):
     chunk = rollout_chunk(worker_policy, task, GroupKey(0, 0, 0), (0, 1, 2, 3), [0, 1], SAMPLER, ROLLOUT)
     velocity = learner_policy.velocity_fn(task_conditioning(learner_policy, task, ROLLOUT))
     cfg = LearnerConfig(learning_rate=1e-2)
-    stats = policy_update([GroupTransitions(0, chunk.transitions, torch.tensor([1.5, -0.5, 0.5, -1.5]))], lambda g: velocity, make_optimizer(learner_policy.trainable_parameters(), cfg), cfg)
+    stats = policy_update([GroupTransitions(0, chunk.learner_input.transitions, torch.tensor([1.5, -0.5, 0.5, -1.5]))], lambda g: velocity, make_optimizer(learner_policy.trainable_parameters(), cfg), cfg)
     assert not stats.skipped
     for name, p in learner_policy.named_parameters():
         if not p.requires_grad:
@@ -92,7 +92,7 @@ def test_kl_to_the_adapters_off_reference(task):
         again = policy.velocity_fn(conditioning)(x, sigma)
     assert torch.equal(with_adapters, again)  # the context restores the adapters
     assert torch.equal(with_adapters, without)
-    items = [GroupTransitions(0, chunk.transitions, torch.tensor([1.5, -0.5, 0.5, -1.5]))]
+    items = [GroupTransitions(0, chunk.learner_input.transitions, torch.tensor([1.5, -0.5, 0.5, -1.5]))]
     cfg = LearnerConfig(learning_rate=3e-2, kl_beta=1.0)
     optimizer = make_optimizer(policy.trainable_parameters(), cfg)
     kls = [
@@ -158,7 +158,7 @@ def test_trainer_phases_in_process():
         images = np.concatenate([c.images for c in first.launch.chunks if c.group == g])
         expected = workers.reward_runner.score(images, task).rewards
         np.testing.assert_allclose(first.rewards.rewards[4 * g : 4 * g + 4].numpy(), expected, rtol=1e-6)
-    assert first.stats.ratio_mean == pytest.approx(1.0, abs=1e-6) and not first.stats.skipped
+    assert first.steps[0].ratio_mean == pytest.approx(1.0, abs=1e-6) and not first.steps[0].skipped
     assert 0 < workers.fetched_bytes < 2048  # 8 rewards and components, one UpdateStats
 
     second = run_iteration(workers, cfg, tasks, 1, 1, first.adapters)
@@ -167,4 +167,26 @@ def test_trainer_phases_in_process():
     assert any(not torch.equal(learner_state[k], rollout_state[k]) for k in learner_state)  # the learner stepped again
     for name, value in first.adapters.items():
         assert torch.equal(rollout_state[name], value), name  # iteration 1 rolled out with iteration 0's update
-    assert second.stats.ratio_mean == pytest.approx(1.0, abs=1e-6)
+    assert second.steps[0].ratio_mean == pytest.approx(1.0, abs=1e-6)
+
+
+def test_minibatched_iteration_steps_off_policy_and_observes_expert_flips():
+    """M = 2 with a large learning rate: the first step is on-policy (ratios exactly 1, no clipping, no
+    expert flips); the second recomputes under the updated policy, so its ratios leave the clip band and
+    the MoE gate's update has changed some tokens' top-1 expert."""
+    cfg = load_config(GSPOTrainConfig, None, [
+        "sampler.num_steps=6", "rollout.image_size=32", "rollout.reference_size=16", "rollout.group_size=4", "rollout.chunk_size=2",
+        "tasks.reference_size=16", "learner.learning_rate=5e-2", "learner.minibatches=2", "learner.clip_low=1e-5", "learner.clip_high=1e-5",
+    ])
+    torch.manual_seed(0)
+    workers = LocalWorkers(cfg)
+    result = run_iteration(workers, cfg, build_task_source(cfg.tasks, cfg.run.seed), 0, 0, workers.adapters())
+    first, second = result.steps
+    assert first.ratio_mean == pytest.approx(1.0, abs=1e-6) and first.ratio_max_deviation < 1e-5
+    assert first.clip_fraction == 0.0 and first.expert_flip_rate == 0.0
+    assert second.ratio_max_deviation > 1e-5 and second.clip_fraction > 0  # log-probs are means over ~3e3 dims: small ratios
+    assert 0 < second.expert_flip_rate < 1
+    record = iteration_metrics(result)
+    assert record["step/0/ratio_mean"] == first.ratio_mean and record["offpolicy/clip_fraction"] == second.clip_fraction
+    assert record["offpolicy/expert_flip_rate"] == second.expert_flip_rate
+    assert record["grad_norm"] == pytest.approx((first.grad_norm + second.grad_norm) / 2)

@@ -51,7 +51,7 @@ def test_dead_rollout_worker_is_restarted_and_the_call_retried(cluster):
     time.sleep(0.5)
     ray.kill(worker, no_restart=False)  # the process dies mid-call; Ray restarts it and retries the call
     retried_images, retried_transitions = ray.get(in_flight, timeout=300)
-    assert torch.equal(retried_transitions[-1].x_next, expected_transitions[-1].x_next)  # same weights reloaded
+    assert torch.equal(retried_transitions.transitions[-1].x_next, expected_transitions.transitions[-1].x_next)  # same weights reloaded
     assert (retried_images == expected_images).all()
 
 
@@ -81,15 +81,22 @@ def test_data_parallel_learners_match_a_single_learner(cluster):
         for ids, adv in (((0, 1), [1.0, -0.5]), ((2, 3), [0.5, -1.0])):
             _, transitions = rollout.rollout.remote(0, [adapters], task, GroupKey(0, 0, g), ids, [0, 1])
             items.append((task, [transitions], torch.tensor(adv).numpy()))
-    single_stats, single_adapters = single.update.remote(items, 8)
+    # two optimizer steps (minibatches of one group each): the second is off-policy
+    single_stats, single_adapters = single.update.remote([items[:2], items[2:]], [4, 4])
     single_stats = ray.get(single_stats)
-    (stats0, adapters0), (stats1, adapters1) = ranks[0].update.remote(items[0::2], 8), ranks[1].update.remote(items[1::2], 8)
+    (stats0, adapters0), (stats1, adapters1) = (
+        ranks[0].update.remote([items[0:1], items[2:3]], [4, 4]), ranks[1].update.remote([items[1:2], items[3:4]], [4, 4])
+    )
     dp_stats = ray.get([stats0, stats1])
+    assert len(single_stats) == 2 and single_stats[0].ratio_mean == pytest.approx(1.0, abs=1e-6)
+    assert single_stats[1].ratio_max_deviation > 0  # the second step sees the first one's update
     assert dp_stats[0] == dp_stats[1]  # both ranks agree on every statistic
     assert ray.get(adapters1) is None  # rank 0 alone publishes the new weights
     published = ray.get(adapters0)
-    assert dp_stats[0].loss == pytest.approx(single_stats.loss, rel=1e-5, abs=1e-9)
-    assert dp_stats[0].grad_norm == pytest.approx(single_stats.grad_norm, rel=1e-4)
+    for dp, one in zip(dp_stats[0], single_stats):
+        assert dp.loss == pytest.approx(one.loss, rel=1e-5, abs=1e-9)
+        assert dp.grad_norm == pytest.approx(one.grad_norm, rel=1e-4)
+        assert dp.ratio_max_deviation == pytest.approx(one.ratio_max_deviation, rel=1e-4, abs=1e-9)
     expected, got0, got1 = ray.get([single_adapters, ranks[0].adapter_state.remote(), ranks[1].adapter_state.remote()])
     assert expected.keys() == got0.keys() == published.keys()
     for name in expected:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gaussian_flow import GaussianFlow
-from samplers import GroupKey, flux_sigmas, group_noise, mixed_rollout, sde_step_with_logprob
+from samplers import GroupKey, flux_sigmas, group_noise, mixed_rollout, sde_noise, sde_step_with_logprob
 
 SHAPE = (16, 4)  # one sample's latent: 16 tokens x 4 channels
 
@@ -112,3 +112,14 @@ def test_invalid_rollout_arguments():
         mixed_rollout(velocity, GroupKey(0, 0, 0), SHAPE, sigmas, [4], 0.7)
     with pytest.raises(ValueError, match="samples"):
         mixed_rollout(velocity, GroupKey(0, 0, 0), SHAPE, sigmas, [0], 0.7, samples=[])
+
+
+def test_sde_noise_is_keyed_by_every_part_of_its_key():
+    """Dropping any key part (the seed, iteration, group, sample or step) would repeat noise."""
+    base = dict(seed=0, iteration=3, group=1, samples=[2], step=4)
+    reference = sde_noise(shape=SHAPE, **base)
+    assert torch.equal(reference, sde_noise(shape=SHAPE, **base))
+    for part, other in (("seed", 1), ("iteration", 4), ("group", 2), ("samples", [3]), ("step", 5)):
+        changed = sde_noise(shape=SHAPE, **{**base, part: other})
+        assert not torch.allclose(changed, reference), part
+    assert not torch.allclose(sde_noise(shape=SHAPE, **base), group_noise(0, 3, 1, SHAPE)[None])  # SDE and initial noise differ too

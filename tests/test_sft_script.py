@@ -119,7 +119,7 @@ def test_warm_start_runs_in_train_gspo(tmp_path):
         [sys.executable, str(ROOT / "scripts" / "train_gspo.py"), "--config", str(ROOT / "configs" / "quickstart.yaml"),
          f"policy={run / 'policy.yaml'}", f"init_adapters={run / 'adapters'}", "iterations=1", f"run.output_root={tmp_path}",
          "run.name=rl", "sampler.num_steps=4", "rollout.image_size=32", "rollout.reference_size=16", "rollout.group_size=2",
-         "rollout.chunk_size=2", "rollout.groups_per_iteration=1", "tasks.reference_size=16", "workers.cpus_per_worker=0.25"],
+         "rollout.chunk_size=1", "rollout.groups_per_iteration=1", "tasks.reference_size=16", "workers.cpus_per_worker=0.25"],
         capture_output=True, text=True, timeout=600,
     )
     assert gspo.returncode == 0, gspo.stderr[-3000:]

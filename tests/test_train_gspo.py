@@ -55,9 +55,11 @@ def test_run_folder_and_resume(tmp_path):
     assert config["workers"]["learners"] == 2 and config["iterations"] == 3
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [0, 1, 2]
-    assert abs(records[0]["ratio_mean"] - 1.0) < 1e-6  # on-policy before the first update
+    assert abs(records[0]["step/0/ratio_mean"] - 1.0) < 1e-6  # on-policy before the first update
+    assert all(r["step/1/ratio_max_deviation"] > 0 for r in records)  # the quickstart's second step is off-policy
     for key in ("reward/mean", "reward/std", "reward/colour_target/mean", "loss", "clip_fraction", "grad_norm", "window_start",
-                "time/rollout", "time/reward", "time/update"):
+                "step/1/clip_fraction", "step/1/expert_flip_rate", "offpolicy/ratio_max_deviation", "offpolicy/clip_fraction",
+                "offpolicy/expert_flip_rate", "time/rollout", "time/reward", "time/update"):
         assert key in records[0], key
     assert [r["window_start"] for r in records] == [0, 0, 1]
     assert (run / "reward_curve.png").is_file() and list((run / "tensorboard").iterdir())

@@ -26,12 +26,12 @@ class Communicator:
     def main(self) -> bool:
         return self.rank == 0
 
-    def all_reduce(self, tensor: torch.Tensor) -> None:
-        """In-place sum over ranks (nccl needs the tensor on the device)."""
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> None:
+        """In-place sum (or, with op "max", maximum) over ranks (nccl needs the tensor on the device)."""
         if self.world == 1:
             return
         work = tensor.to(self.device) if self.device.type == "cuda" else tensor
-        dist.all_reduce(work)
+        dist.all_reduce(work, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
         if work is not tensor:
             tensor.copy_(work.to(tensor.device))
 

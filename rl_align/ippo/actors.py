@@ -30,10 +30,10 @@ from rl_align.core.distributed import join_process_group
 from rl_align.core.errors import SetupError
 from rl_align.ippo.config import GSPOTrainConfig, WorkerConfig
 from rl_align.ippo.learner import LearnerConfig, UpdateStats
-from rl_align.ippo.rollout import RolloutConfig
+from rl_align.ippo.rollout import ChunkTransitions, RolloutConfig
 from rl_align.ippo.tasks import Task
 from rl_align.ippo.workers import LearnerRank, RewardRunner, RolloutRunner, payload_bytes, torch_device
-from samplers import GroupKey, SamplerConfig, WindowTransition
+from samplers import GroupKey, SamplerConfig
 
 
 def actor_options(cfg: WorkerConfig, gpus: float) -> dict[str, Any]:
@@ -50,10 +50,10 @@ class RolloutWorker:
 
     @ray.method(num_returns=2)
     def rollout(self, version: int, adapters: list, task: Task, key: GroupKey, sample_ids: Sequence[int],
-                window: Sequence[int]) -> tuple[np.ndarray, tuple[WindowTransition, ...]]:
+                window: Sequence[int]) -> tuple[np.ndarray, ChunkTransitions]:
         state = ray.get(adapters[0]) if version != self.runner.version else None
         chunk = self.runner.rollout(version, state, task, key, sample_ids, window)
-        return chunk.images, chunk.transitions
+        return chunk.images, chunk.learner_input
 
 
 @ray.remote
@@ -85,11 +85,14 @@ class Learner:
         self.rank.comm = join_process_group(init_method, rank, world_size, self.rank.device)
 
     @ray.method(num_returns=2)
-    def update(self, items: Sequence[tuple[Task, list, np.ndarray]], total_samples: int) -> tuple[UpdateStats, dict[str, torch.Tensor] | None]:
-        """One step over this rank's chunks: (task, [transitions reference], advantages (n,)) each. Returns
-        the statistics and, on rank 0, the new adapter state (the rollout workers' next weights)."""
-        transitions = ray.get([refs[0] for _, refs, _ in items])
-        stats = self.rank.update([(task, t, adv) for (task, _, adv), t in zip(items, transitions)], total_samples)
+    def update(self, steps: Sequence[Sequence[tuple[Task, list, np.ndarray]]], totals: Sequence[int]) -> tuple[list[UpdateStats], dict[str, torch.Tensor] | None]:
+        """The iteration's optimizer steps: ``steps[k]`` is this rank's share of minibatch k, as (task,
+        [transitions reference], advantages (n,)) items; ``totals[k]`` its samples on all ranks. Returns
+        the statistics of each step and, on rank 0, the new adapter state (the rollout workers' next
+        weights)."""
+        refs = list(dict.fromkeys(ref for items in steps for _, (ref,), _ in items))  # a chunk recurs across epochs
+        fetched = dict(zip(refs, ray.get(refs)))
+        stats = self.rank.update([[(task, fetched[ref], adv) for task, (ref,), adv in items] for items in steps], totals)
         return stats, (self.rank.policy.adapter_state() if self.rank.comm.rank == 0 else None)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
@@ -161,12 +164,12 @@ class RayWorkers:
     def wait(self, handles) -> None:
         ray.wait(list(handles), num_returns=len(handles), fetch_local=False)
 
-    def update(self, items_per_rank, total_samples):
-        if len(items_per_rank) != len(self.learners):
-            raise ValueError(f"{len(items_per_rank)} item lists for {len(self.learners)} learner ranks")
+    def update(self, steps_per_rank, totals):
+        if len(steps_per_rank) != len(self.learners):
+            raise ValueError(f"{len(steps_per_rank)} step lists for {len(self.learners)} learner ranks")
         calls = [
-            learner.update.remote([(task, [transitions], adv) for task, transitions, adv in items], total_samples)
-            for learner, items in zip(self.learners, items_per_rank)
+            learner.update.remote([[(task, [transitions], adv) for task, transitions, adv in items] for items in steps], totals)
+            for learner, steps in zip(self.learners, steps_per_rank)
         ]
         return [stats for stats, _ in calls], calls[0][1]
 

@@ -79,5 +79,13 @@ class GSPOTrainConfig:
         if self.iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
         chunks = self.rollout.groups_per_iteration * len(self.rollout.chunks())
-        if self.workers.learners > chunks:
-            raise ValueError(f"workers.learners={self.workers.learners} exceeds the {chunks} rollout chunks per iteration: some ranks would idle")
+        if chunks % self.learner.minibatches:
+            raise ValueError(
+                f"learner.minibatches={self.learner.minibatches} does not divide the {chunks} rollout chunks per iteration "
+                f"(rollout.groups_per_iteration x group_size / chunk_size)"
+            )
+        per_minibatch = chunks // self.learner.minibatches
+        if self.workers.learners > per_minibatch:
+            raise ValueError(
+                f"workers.learners={self.workers.learners} exceeds the {per_minibatch} rollout chunks of a minibatch: some ranks would idle"
+            )

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from policies import Conditioning, FluxPolicy
+from policies.policy import PolicyVelocity
 from rewards.types import ReferenceSubject
 from rl_align.core.images import images_to_uint8
 from rl_align.ippo.tasks import Task
@@ -43,14 +44,37 @@ class RolloutConfig:
         return [tuple(ids[i : i + self.chunk_size]) for i in range(0, self.group_size, self.chunk_size)]
 
 
+class ChunkTransitions(NamedTuple):
+    """What the learner needs of one rollout chunk of n samples."""
+
+    transitions: tuple[WindowTransition, ...]  # window steps (with their eta and reduction), tensors on the CPU
+    # MoE-LoRA: per window step, the top-1 expert of every routed token, (n, R) int16; None without experts.
+    experts: tuple[torch.Tensor, ...] | None
+
+
 class ChunkRollout(NamedTuple):
     """One rollout call's output: the reward workers need only the images, the learners only the
-    transitions (which carry their own eta and reduction)."""
+    transitions."""
 
     group: int
     sample_ids: tuple[int, ...]
-    transitions: tuple[WindowTransition, ...]  # window steps, tensors on the CPU
+    learner_input: ChunkTransitions
     images: np.ndarray  # (n, H, W, 3) uint8
+
+
+class _ExpertsBySigma:
+    """A policy velocity that keeps the top-1 experts of each call by its sigma (every call of a rollout
+    has its own sigma), so the window steps' routing can be picked out afterwards."""
+
+    def __init__(self, velocity: PolicyVelocity):
+        self.velocity = velocity
+        self.experts: dict[float, torch.Tensor] = {}
+
+    def __call__(self, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        v = self.velocity(x_t, sigma)
+        if self.velocity.last_experts is not None:
+            self.experts[float(sigma[0])] = self.velocity.last_experts.cpu()
+        return v
 
 
 def reference_tensor(subject: ReferenceSubject, size: int) -> torch.Tensor:
@@ -90,15 +114,17 @@ def rollout_chunk(
     sampler: SamplerConfig,
     cfg: RolloutConfig,
 ) -> ChunkRollout:
-    """Mixed ODE/SDE rollout of the listed samples of one group, decoded to images."""
-    velocity = policy.velocity_fn(task_conditioning(policy, task, cfg))
+    """Mixed ODE/SDE rollout of the listed samples of one group, decoded to images, with the MoE-LoRA
+    expert choices of the window steps when the policy has experts."""
+    velocity = _ExpertsBySigma(policy.velocity_fn(task_conditioning(policy, task, cfg)))
     out = mixed_rollout(
         velocity, key, policy.latent_shape(cfg.image_size, cfg.image_size), sampler.sigmas(image_seq_len(policy, cfg)),
         window, sampler.eta, samples=sample_ids, reduce=sampler.logprob_reduce, tail_solver=sampler.tail_solver,
         tail_keep_fraction=sampler.tail_keep_fraction, device=policy.device,
     )
     transitions = tuple(t._replace(x_t=t.x_t.cpu(), x_next=t.x_next.cpu(), log_prob=t.log_prob.cpu()) for t in out.transitions)
-    return ChunkRollout(key.group, tuple(sample_ids), transitions, images_to_uint8(policy.decode_latents(out.latents)))
+    experts = tuple(velocity.experts[t.sigma] for t in out.transitions) if velocity.experts else None
+    return ChunkRollout(key.group, tuple(sample_ids), ChunkTransitions(transitions, experts), images_to_uint8(policy.decode_latents(out.latents)))
 
 
 class ReferenceVelocity:

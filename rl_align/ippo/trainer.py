@@ -2,8 +2,9 @@
 
     open the run folder -> start the workers -> restore a checkpoint or warm start
     -> for each iteration: launch_rollouts (each chunk's images go straight to a reward worker)
-       -> collect_rewards -> compute_advantages -> update_learners (transitions go straight to the
-       learners; the new adapters go straight to the next rollouts) -> log, samples, plots, checkpoint.
+       -> collect_rewards -> compute_advantages -> update_learners (epochs x minibatches optimizer
+       steps; transitions go straight to the learners, the new adapters straight to the next rollouts)
+       -> log, samples, plots, checkpoint.
 
 The phases take any ``Workers`` (rl_align/ippo/workers.py): ``RayWorkers`` for training, ``LocalWorkers``
 in one process for benchmarks. The driver fetches only rewards and statistics, plus sample images and
@@ -13,6 +14,7 @@ checkpoints when it saves them; ``driver/fetched_bytes`` in metrics.jsonl counts
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -29,12 +31,13 @@ from rl_align.core.tracking import MetricsLog, due, plot_curves, read_metrics, s
 from rl_align.ippo.actors import RayWorkers
 from rl_align.ippo.advantages import group_advantages, weighted_component_advantages
 from rl_align.ippo.config import GSPOTrainConfig
-from rl_align.ippo.learner import LearnerConfig, UpdateStats
+from rl_align.ippo.learner import LearnerConfig, UpdateStats, minibatch_plan
 from rl_align.ippo.tasks import Task, TaskSource, build_task_source
 from rl_align.ippo.workers import Handle, Workers
 from samplers import GroupKey
 
 log = logging.getLogger("train_gspo")
+PLOTTED = ["reward/mean", "loss", "grad_norm", "offpolicy/ratio_max_deviation", "offpolicy/clip_fraction", "offpolicy/expert_flip_rate"]
 
 
 class LaunchedChunk(NamedTuple):
@@ -65,8 +68,8 @@ class IterationRewards(NamedTuple):
 class IterationResult(NamedTuple):
     launch: IterationLaunch
     rewards: IterationRewards
-    stats: UpdateStats
-    adapters: Handle  # the adapter state after the update
+    steps: list[UpdateStats]  # one per optimizer step, in order: the first is on-policy
+    adapters: Handle  # the adapter state after the last step
     seconds: dict[str, float]  # rollout, reward, update
 
 
@@ -103,16 +106,21 @@ def compute_advantages(rewards: IterationRewards, cfg: LearnerConfig, weights: d
     return group_advantages(rewards.rewards, rewards.group_ids, cfg.advantage_eps, cfg.advantage_clip)
 
 
-def update_learners(workers: Workers, launch: IterationLaunch, advantages: torch.Tensor, learners: int) -> tuple[UpdateStats, Handle]:
-    """One optimizer step: chunks dealt round-robin to the learner ranks, each with its task and its
-    advantages; returns rank 0's statistics (every rank agrees) and the new adapters' handle."""
-    per_rank: list[list] = [[] for _ in range(learners)]
-    offset = 0
-    for i, chunk in enumerate(launch.chunks):
-        n = len(chunk.sample_ids)
-        per_rank[i % learners].append((launch.tasks[chunk.group], chunk.transitions, advantages[offset : offset + n].numpy()))
-        offset += n
-    stats, adapters = workers.update(per_rank, len(advantages))
+def update_learners(workers: Workers, cfg: GSPOTrainConfig, launch: IterationLaunch, advantages: torch.Tensor) -> tuple[list[UpdateStats], Handle]:
+    """The iteration's optimizer steps (``minibatch_plan``); each minibatch's chunks are dealt round-robin
+    to the learner ranks, each with its task and its advantages. Returns rank 0's statistics of every step
+    (every rank agrees) and the new adapters' handle."""
+    offsets = np.cumsum([0] + [len(c.sample_ids) for c in launch.chunks])
+    plan = minibatch_plan([c.group for c in launch.chunks], cfg.learner.minibatches, cfg.learner.epochs, cfg.run.seed, launch.iteration)
+    learners = cfg.workers.learners
+    steps_per_rank: list[list[list]] = [[[] for _ in plan] for _ in range(learners)]
+    for k, minibatch in enumerate(plan):
+        for position, j in enumerate(minibatch):
+            chunk = launch.chunks[j]
+            item = (launch.tasks[chunk.group], chunk.transitions, advantages[offsets[j] : offsets[j + 1]].numpy())
+            steps_per_rank[position % learners][k].append(item)
+    totals = [int(sum(offsets[j + 1] - offsets[j] for j in minibatch)) for minibatch in plan]
+    stats, adapters = workers.update(steps_per_rank, totals)
     return workers.fetch(stats)[0], adapters
 
 
@@ -125,20 +133,31 @@ def run_iteration(workers: Workers, cfg: GSPOTrainConfig, tasks: TaskSource, ite
     rewards = collect_rewards(workers, launch, list(cfg.reward.resolved_weights()))
     scored = time.perf_counter()
     advantages = compute_advantages(rewards, cfg.learner, cfg.reward.resolved_weights())
-    stats, new_adapters = update_learners(workers, launch, advantages, cfg.workers.learners)
+    stats, new_adapters = update_learners(workers, cfg, launch, advantages)
     seconds = {"rollout": rolled - started, "reward": scored - rolled, "update": time.perf_counter() - scored}
     return IterationResult(launch, rewards, stats, new_adapters, seconds)
 
 
 def iteration_metrics(result: IterationResult) -> dict[str, float]:
-    rewards, stats = result.rewards, result.stats
+    """Rewards, the means over the iteration's steps (loss, clip fraction, KL, grad norm), the count of
+    skipped steps, each step's own statistics under ``step/<k>/``, and the off-policy steps' means under
+    ``offpolicy/`` (when there are any): their ratio spread, clipping and, for MoE-LoRA, expert flips."""
+    rewards, steps = result.rewards, result.steps
     record = {"reward/mean": rewards.rewards.mean(), "reward/std": rewards.rewards.std()}
     for name, values in rewards.components.items():
         record[f"reward/{name}/mean"], record[f"reward/{name}/std"] = values.mean(), values.std()
-    record.update({
-        "loss": stats.loss, "ratio_mean": stats.ratio_mean, "clip_fraction": stats.clip_fraction, "kl": stats.kl,
-        "grad_norm": stats.grad_norm, "skipped_update": float(stats.skipped), "window_start": result.launch.window[0],
-    })
+    taken = [s for s in steps if not s.skipped] or steps
+    for name in ("loss", "clip_fraction", "kl", "grad_norm"):
+        record[name] = float(np.mean([getattr(s, name) for s in taken]))
+    record["skipped_update"] = float(sum(s.skipped for s in steps))
+    record["window_start"] = result.launch.window[0]
+    per_step = ["ratio_mean", "ratio_max_deviation", "clip_fraction", "grad_norm"] + (["expert_flip_rate"] if math.isfinite(steps[0].expert_flip_rate) else [])
+    for k, step in enumerate(steps):
+        record.update({f"step/{k}/{name}": getattr(step, name) for name in per_step})
+    off_policy = [s for s in steps[1:] if not s.skipped]
+    if off_policy:
+        for name in ("ratio_max_deviation", "clip_fraction") + (("expert_flip_rate",) if "expert_flip_rate" in per_step else ()):
+            record[f"offpolicy/{name}"] = float(np.mean([getattr(s, name) for s in off_policy]))
     record.update({f"time/{name}": value for name, value in result.seconds.items()})
     return record
 
@@ -200,8 +219,7 @@ def train(cfg: GSPOTrainConfig, resume: Path | None = None) -> RunResult:
             progress.set_postfix(reward=f"{float(result.rewards.rewards.mean()):.4f}", window=result.launch.window[0])
             done = iteration + 1
             if due(done, cfg.output.plot_every, cfg.iterations):
-                plot_curves(read_metrics(metrics.path), ["reward/mean", "loss", "clip_fraction", "grad_norm"], run_dir / "reward_curve.png",
-                            title=f"IPPO {run_dir.name}", smooth=5)
+                plot_curves(read_metrics(metrics.path), PLOTTED, run_dir / "reward_curve.png", title=f"IPPO {run_dir.name}", smooth=5)
             if due(done, cfg.output.checkpoint_every, cfg.iterations):
                 save_checkpoint(run_dir, workers.checkpoint(done), keep=cfg.output.keep_checkpoints)
         metrics.close()

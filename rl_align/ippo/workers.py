@@ -15,18 +15,19 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import torch
 
-from policies import FluxPolicy, PolicyConfig
+from policies import Conditioning, FluxPolicy, PolicyConfig
 from rewards import RewardConfig, RewardResult, ScoreBatch, build_reward
 from rl_align.core.checkpoints import Checkpoint
 from rl_align.core.distributed import Communicator
 from rl_align.core.optim import make_optimizer
 from rl_align.ippo.config import GSPOTrainConfig
 from rl_align.ippo.learner import GroupTransitions, LearnerConfig, UpdateStats, policy_update
-from rl_align.ippo.rollout import ChunkRollout, ReferenceVelocity, RolloutConfig, rollout_chunk, task_conditioning
+from rl_align.ippo.rollout import ChunkRollout, ChunkTransitions, ReferenceVelocity, RolloutConfig, rollout_chunk, task_conditioning
 from rl_align.ippo.tasks import Task
-from samplers import GroupKey, SamplerConfig, WindowTransition
+from samplers import GroupKey, SamplerConfig
 
 Handle = Any  # an object reference (Ray) or the value itself (LocalWorkers)
+LearnerItem = tuple[Task, ChunkTransitions, np.ndarray]  # a chunk for the learner: its task, transitions, advantages (n,)
 
 
 def torch_device(gpus: float) -> torch.device:
@@ -78,17 +79,29 @@ class LearnerRank:
         self.optimizer = make_optimizer(self.policy.trainable_parameters(), learner_cfg)
         self.comm = Communicator(0, 1, device)
 
-    def update(self, items: Sequence[tuple[Task, Sequence[WindowTransition], np.ndarray]], total_samples: int) -> UpdateStats:
-        """One step over this rank's chunks: (task, window transitions, advantages (n,)) each."""
-        conditionings = [task_conditioning(self.policy, task, self.rollout_cfg) for task, _, _ in items]
-        chunks = [GroupTransitions(i, tuple(transitions), torch.tensor(adv, dtype=torch.float32)) for i, (_, transitions, adv) in enumerate(items)]
+    def update(self, steps: Sequence[Sequence[LearnerItem]], totals: Sequence[int]) -> list[UpdateStats]:
+        """One optimizer step per minibatch: ``steps[k]`` is this rank's share of minibatch k (task, chunk
+        transitions, advantages (n,)), ``totals[k]`` the minibatch's samples on all ranks."""
+        conditionings: dict[int, Conditioning] = {}  # by task: each task's conditioning is built once
+        for items in steps:
+            for task, _, _ in items:
+                if id(task) not in conditionings:
+                    conditionings[id(task)] = task_conditioning(self.policy, task, self.rollout_cfg)
+        return [self._step(items, total, conditionings) for items, total in zip(steps, totals, strict=True)]
+
+    def _step(self, items: Sequence[LearnerItem], total: int, conditionings: dict[int, Conditioning]) -> UpdateStats:
+        tasks = [task for task, _, _ in items]
+        chunks = [
+            GroupTransitions(i, chunk.transitions, torch.tensor(adv, dtype=torch.float32), chunk.experts)
+            for i, (_, chunk, adv) in enumerate(items)
+        ]
         return policy_update(
             chunks,
-            lambda i: self.policy.velocity_fn(conditionings[i]),
+            lambda i: self.policy.velocity_fn(conditionings[id(tasks[i])]),
             self.optimizer,
             self.learner_cfg,
-            reference_of=(lambda i: ReferenceVelocity(self.policy, conditionings[i])) if self.learner_cfg.kl_beta > 0 else None,
-            total_samples=total_samples,
+            reference_of=(lambda i: ReferenceVelocity(self.policy, conditionings[id(tasks[i])])) if self.learner_cfg.kl_beta > 0 else None,
+            total_samples=total,
             all_reduce=self.comm.all_reduce if self.comm.world > 1 else None,
         )
 
@@ -108,7 +121,7 @@ class Workers(Protocol):
 
     def rollout(self, slot: int, version: int, adapters: Handle, task: Task, key: GroupKey, sample_ids: Sequence[int],
                 window: Sequence[int]) -> tuple[Handle, Handle]:
-        """Roll out on rollout worker ``slot`` (modulo their count): (images (n, H, W, 3) uint8, transitions)."""
+        """Roll out on rollout worker ``slot`` (modulo their count): (images (n, H, W, 3) uint8, ChunkTransitions)."""
 
     def score(self, slot: int, images: Handle, task: Task) -> Handle:
         """A RewardResult of the images, from reward worker ``slot`` (modulo their count)."""
@@ -116,8 +129,10 @@ class Workers(Protocol):
     def wait(self, handles: Sequence[Handle]) -> None:
         """Block until the handles' values exist, without fetching them."""
 
-    def update(self, items_per_rank: Sequence[Sequence[tuple[Task, Handle, np.ndarray]]], total_samples: int) -> tuple[Handle, Handle]:
-        """One step on every learner rank: (UpdateStats of each rank, the new adapter state)."""
+    def update(self, steps_per_rank: Sequence[Sequence[Sequence[tuple[Task, Handle, np.ndarray]]]], totals: Sequence[int]) -> tuple[Handle, Handle]:
+        """The iteration's optimizer steps on every learner rank: ``steps_per_rank[r][k]`` is rank r's share
+        of minibatch k (task, transitions handle, advantages), ``totals[k]`` the minibatch's samples.
+        Returns (each rank's list of UpdateStats, one per step; the new adapter state)."""
 
     def fetch(self, handles: Sequence[Handle]) -> list[Any]:
         """The values (counted in ``fetched_bytes``)."""
@@ -166,7 +181,7 @@ class LocalWorkers:
 
     def rollout(self, slot, version, adapters, task, key, sample_ids, window):
         chunk = self.rollout_runner.rollout(version, adapters, task, key, sample_ids, window)
-        return chunk.images, chunk.transitions
+        return chunk.images, chunk.learner_input
 
     def score(self, slot, images, task):
         return self.reward_runner.score(images, task)
@@ -174,10 +189,10 @@ class LocalWorkers:
     def wait(self, handles) -> None:
         return None
 
-    def update(self, items_per_rank, total_samples):
-        if len(items_per_rank) != 1:
-            raise ValueError(f"LocalWorkers has one learner rank, got items for {len(items_per_rank)}")
-        return [self.learner.update(items_per_rank[0], total_samples)], self.learner.policy.adapter_state()
+    def update(self, steps_per_rank, totals):
+        if len(steps_per_rank) != 1:
+            raise ValueError(f"LocalWorkers has one learner rank, got steps for {len(steps_per_rank)}")
+        return [self.learner.update(steps_per_rank[0], totals)], self.learner.policy.adapter_state()
 
     def fetch(self, handles):
         values = list(handles)
