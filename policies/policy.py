@@ -89,14 +89,18 @@ class PolicyVelocity:
 
     def __init__(self, policy: "FluxPolicy", conditioning: Conditioning, switches: AttentionSwitches = AttentionSwitches()):
         self.policy, self.conditioning, self.switches = policy, conditioning, switches
-        # MoE-LoRA: the top-1 expert of every routed token in the last call, (B, R) int16 with the
-        # layers' tokens concatenated in call order; None without MoE-LoRA.
-        self.last_experts: torch.Tensor | None = None
+        self._experts: list[torch.Tensor] = []  # each MoE-LoRA layer's chosen experts in the last call
 
     def __call__(self, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         out = self.policy(x_t, sigma, self.conditioning, self.switches)
-        self.last_experts = torch.cat([r.experts[..., 0] for r in out.router], dim=1).to(torch.int16) if out.router else None
+        self._experts = [r.experts for r in out.router]
         return out.velocity
+
+    @property
+    def last_experts(self) -> torch.Tensor | None:
+        """MoE-LoRA: the top-1 expert of every routed token in the last call, (B, R) int16 with the layers'
+        tokens concatenated in call order; None without MoE-LoRA. Built only when asked for."""
+        return torch.cat([e[..., 0] for e in self._experts], dim=1).to(torch.int16) if self._experts else None
 
 
 class FluxPolicy(torch.nn.Module):

@@ -127,8 +127,8 @@ def window_log_probs(
         sigma = torch.full((t.x_t.shape[0],), t.sigma, dtype=torch.float32, device=t.x_t.device)
         step = t.recompute(velocity(t.x_t, sigma))
         log_probs.append(step.log_prob)
-        current = getattr(velocity, "last_experts", None)
-        if experts is not None and current is not None:
+        current = getattr(velocity, "last_experts", None) if experts is not None else None
+        if current is not None:
             flips += int((current.cpu() != experts[i]).sum())
             routed += experts[i].numel()
         if reference is not None:

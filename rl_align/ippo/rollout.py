@@ -62,18 +62,21 @@ class ChunkRollout(NamedTuple):
     images: np.ndarray  # (n, H, W, 3) uint8
 
 
-class _ExpertsBySigma:
-    """A policy velocity that keeps the top-1 experts of each call by its sigma (every call of a rollout
-    has its own sigma), so the window steps' routing can be picked out afterwards."""
+class _WindowExperts:
+    """A policy velocity that keeps the top-1 experts of its calls at the window's sigmas (every step of a
+    rollout has its own sigma), so the window steps' routing can be picked out afterwards."""
 
-    def __init__(self, velocity: PolicyVelocity):
-        self.velocity = velocity
+    def __init__(self, velocity: PolicyVelocity, window_sigmas: set[float]):
+        self.velocity, self.window_sigmas = velocity, window_sigmas
         self.experts: dict[float, torch.Tensor] = {}
 
     def __call__(self, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         v = self.velocity(x_t, sigma)
-        if self.velocity.last_experts is not None:
-            self.experts[float(sigma[0])] = self.velocity.last_experts.cpu()
+        at = float(sigma[0])
+        if at in self.window_sigmas:
+            experts = self.velocity.last_experts
+            if experts is not None:
+                self.experts[at] = experts.cpu()
         return v
 
 
@@ -116,9 +119,10 @@ def rollout_chunk(
 ) -> ChunkRollout:
     """Mixed ODE/SDE rollout of the listed samples of one group, decoded to images, with the MoE-LoRA
     expert choices of the window steps when the policy has experts."""
-    velocity = _ExpertsBySigma(policy.velocity_fn(task_conditioning(policy, task, cfg)))
+    sigmas = sampler.sigmas(image_seq_len(policy, cfg))
+    velocity = _WindowExperts(policy.velocity_fn(task_conditioning(policy, task, cfg)), {float(sigmas[i]) for i in window})
     out = mixed_rollout(
-        velocity, key, policy.latent_shape(cfg.image_size, cfg.image_size), sampler.sigmas(image_seq_len(policy, cfg)),
+        velocity, key, policy.latent_shape(cfg.image_size, cfg.image_size), sigmas,
         window, sampler.eta, samples=sample_ids, reduce=sampler.logprob_reduce, tail_solver=sampler.tail_solver,
         tail_keep_fraction=sampler.tail_keep_fraction, device=policy.device,
     )

@@ -130,9 +130,10 @@ def run_iteration(workers: Workers, cfg: GSPOTrainConfig, tasks: TaskSource, ite
     launch = launch_rollouts(workers, cfg, tasks, iteration, version, adapters)
     workers.wait([c.images for c in launch.chunks])
     rolled = time.perf_counter()
-    rewards = collect_rewards(workers, launch, list(cfg.reward.resolved_weights()))
+    weights = cfg.reward.resolved_weights()
+    rewards = collect_rewards(workers, launch, list(weights))
     scored = time.perf_counter()
-    advantages = compute_advantages(rewards, cfg.learner, cfg.reward.resolved_weights())
+    advantages = compute_advantages(rewards, cfg.learner, weights)
     stats, new_adapters = update_learners(workers, cfg, launch, advantages)
     seconds = {"rollout": rolled - started, "reward": scored - rolled, "update": time.perf_counter() - scored}
     return IterationResult(launch, rewards, stats, new_adapters, seconds)

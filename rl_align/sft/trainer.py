@@ -47,6 +47,7 @@ class StepRecord(NamedTuple):
     """One step's outcome, as logged."""
 
     stats: StepStats
+    learning_rate: float
     source: str  # the stream the batch came from
     batch_size: int  # samples of all processes together
     subjects: int
@@ -131,15 +132,17 @@ def build_streams(cfg: SFTConfig, run_dir: Path, objective: StageObjective, comm
     data = cfg.data
     if data.manifest:
         manifest = Path(data.manifest)
+        rank_data = _RankData(cfg, manifest, run_dir, comm)
+        samples = rank_data.load(manifest)
     else:
         if not set(data.categories) >= set(SYNTHETIC_CATEGORIES):
             raise ValueError(f"the synthetic data has categories {list(SYNTHETIC_CATEGORIES)}; data.categories {list(data.categories)} lacks some")
         manifest = run_dir / "data" / "synthetic" / "manifest.jsonl"
-    rank_data = _RankData(cfg, manifest, run_dir, comm)
-    s = data.synthetic
-    samples = rank_data.built(manifest, lambda: build_synthetic_manifest(
-        manifest.parent, s.samples, s.min_subjects, s.max_subjects, s.image_size, s.reference_size, cfg.run.seed,
-    )) if not data.manifest else rank_data.load(manifest)
+        rank_data = _RankData(cfg, manifest, run_dir, comm)
+        s = data.synthetic
+        samples = rank_data.built(manifest, lambda: build_synthetic_manifest(
+            manifest.parent, s.samples, s.min_subjects, s.max_subjects, s.image_size, s.reference_size, cfg.run.seed,
+        ))
     log.info("%d samples from %s", len(samples), manifest)
     problems = objective.check_samples(samples)
     if problems:
@@ -185,13 +188,13 @@ def take_step(step: int, cfg: SFTConfig, objective: StageObjective, optimizer: t
         size = int(count)
     else:
         stats, size = train_step(objective, optimizer, batch, key, rate), len(batch.prompts)
-    return StepRecord(stats, source, size, len(batch.references), stream.epoch, time.perf_counter() - started)
+    return StepRecord(stats, rate, source, size, len(batch.references), stream.epoch, time.perf_counter() - started)
 
 
-def step_metrics(record: StepRecord, objective: StageObjective, rate: float) -> dict[str, float]:
+def step_metrics(record: StepRecord, objective: StageObjective) -> dict[str, float]:
     metrics = {f"loss/{k}": v for k, v in record.stats.terms.floats().items()}
     metrics.update({
-        "lr": rate, "grad_norm": record.stats.grad_norm, "skipped_update": float(record.stats.skipped),
+        "lr": record.learning_rate, "grad_norm": record.stats.grad_norm, "skipped_update": float(record.stats.skipped),
         "batch_size": record.batch_size, "subjects": record.subjects, "epoch": record.epoch, "time/step": record.seconds,
     })
     if len(objective.stage.sources) > 1:
@@ -277,7 +280,7 @@ def _train(cfg: SFTConfig, resume: Path | None, comm: Communicator) -> RunResult
                 raise RuntimeError(f"data-parallel processes hold different adapters after step {done}: {[c for _, c in gathered]}")
         if not comm.main:
             continue
-        metrics.write(step, step_metrics(record, objective, learning_rate_at(step, cfg.steps, cfg.optim)))
+        metrics.write(step, step_metrics(record, objective))
         progress.set_postfix(loss=f"{float(record.stats.terms.total):.4f}")
         if due(done, cfg.output.eval_every, cfg.steps):
             evaluate(objective, eval_batch, eval_key, metrics, done)
