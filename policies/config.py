@@ -83,9 +83,18 @@ class DualBranchLoRAConfig:
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """Which attention features the processor installs (each can still be switched per call)."""
+    """The attention mode of the policy: what the processor installs and which features every model call
+    runs with (warm-start training, RL rollouts and updates, evaluation and generation alike), so the model
+    RL trains and evaluation scores is the one the warm start produced. Part of the saved ``policy.yaml``."""
 
     temperature: bool = False  # One-for-All Dynamic Attention Modulation (adds a small MLP per block)
+    # MUSAR static routing: prompt and condition tokens never attend each other, nor two conditions
+    # (stage diptych trains with it, so a diptych-trained policy runs with it everywhere).
+    static_routing: bool = False
+    # MUSAR dynamic routing (Eq. 2-4): each noisy token attends only to the condition whose caption it
+    # scores highest on. An inference-time mode (warm-start training refuses it); needs every reference's
+    # caption inside the prompt.
+    dynamic_routing: bool = False
     temperature_hidden: int = 16
     temperature_min: float = 0.01
     capture_chunk_rows: int = 256  # reference query rows per fp32 chunk when capturing maps

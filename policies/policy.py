@@ -304,12 +304,22 @@ class FluxPolicy(torch.nn.Module):
             for module in custom:
                 module.adapter_enabled = True
 
+    @property
+    def attention_mode(self) -> AttentionSwitches:
+        """The switches every call of this policy runs with (``PolicyConfig.attention``): temperature,
+        static and dynamic routing; per-call extras such as map capture add to them."""
+        attention = self.cfg.attention
+        return AttentionSwitches(static_routing=attention.static_routing, dynamic_routing=attention.dynamic_routing, temperature=attention.temperature)
+
+    @property
+    def needs_item_phrases(self) -> bool:
+        """Whether conditioning must locate each reference's caption in the prompt: condition-id
+        positions place the phrases, dynamic routing scores them."""
+        return self.cfg.position_scheme == "condition_id" or self.cfg.attention.dynamic_routing
+
     def velocity_fn(self, conditioning: Conditioning, switches: AttentionSwitches | None = None) -> PolicyVelocity:
-        """The velocity with ``switches``; by default the features the policy was trained with that also
-        act at inference (the attention temperature, when the policy has it)."""
-        if switches is None:
-            switches = AttentionSwitches(temperature=self.cfg.attention.temperature)
-        return PolicyVelocity(self, conditioning, switches)
+        """The velocity with ``switches``; by default the policy's attention mode."""
+        return PolicyVelocity(self, conditioning, self.attention_mode if switches is None else switches)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -323,6 +333,7 @@ class FluxPolicy(torch.nn.Module):
             "moe_lora": dataclasses.asdict(self.cfg.moe_lora),
             "dual_branch": dataclasses.asdict(self.cfg.dual_branch),
             "attention_temperature": self.cfg.attention.temperature,
+            "static_routing": self.cfg.attention.static_routing,
         }
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
@@ -374,9 +385,7 @@ class FluxPolicy(torch.nn.Module):
         """Load adapters saved by save_adapters into this policy, built with the same adapter config."""
         folder = Path(folder)
         config_file = folder / ADAPTER_CONFIG_FILE
-        if not config_file.is_file():
-            raise FileNotFoundError(f"adapter folder {folder} has no {ADAPTER_CONFIG_FILE}")
-        saved = json.loads(config_file.read_text())
+        saved = read_adapter_description(folder)
         expected = json.loads(json.dumps(self._adapter_description(), default=list))
         for key in expected:
             if saved.get(key) != expected[key]:
@@ -386,6 +395,31 @@ class FluxPolicy(torch.nn.Module):
             if (folder / name).is_file():
                 state.update(load_file(str(folder / name)))
         self.load_adapter_state(state, source=f"the adapter files in {folder}")
+
+
+def read_adapter_description(folder: str | Path) -> dict:
+    """The adapter_config.json of an adapter folder written by ``FluxPolicy.save_adapters``."""
+    config_file = Path(folder) / ADAPTER_CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"adapter folder {folder} has no {ADAPTER_CONFIG_FILE} (expected a folder written by FluxPolicy.save_adapters)")
+    saved = json.loads(config_file.read_text())
+    if saved.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"{config_file}: format is {saved.get('format')!r}, expected {ADAPTER_FORMAT!r}")
+    saved.setdefault("static_routing", False)  # folders written before the attention mode was recorded had none
+    return saved
+
+
+def with_adapters_of(cfg: PolicyConfig, folder: str | Path) -> PolicyConfig:
+    """``cfg`` with the adapter layout and attention mode that the adapter folder was saved with (LoRA,
+    MoE-LoRA, dual-branch LoRA, temperature, static routing), so a bare base model can load them."""
+    saved = read_adapter_description(folder)
+    return dataclasses.replace(
+        cfg,
+        lora=dataclasses.replace(cfg.lora, **{k: tuple(v) if isinstance(v, list) else v for k, v in saved["lora"].items()}),
+        moe_lora=dataclasses.replace(cfg.moe_lora, **saved["moe_lora"]),
+        dual_branch=dataclasses.replace(cfg.dual_branch, **saved["dual_branch"]),
+        attention=dataclasses.replace(cfg.attention, temperature=saved["attention_temperature"], static_routing=saved["static_routing"]),
+    )
 
 
 def _expand_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:

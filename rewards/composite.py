@@ -65,7 +65,11 @@ def _build_scorer(name: str, cfg: RewardConfig) -> Scorer:
             from rewards.faces import build_face_embedder
 
             embedders.append(build_face_embedder(cfg.face))
-        if "object" in cfg.id_kinds:
+        if "object" in cfg.id_kinds and cfg.object.backend == "shapes":
+            from rewards.shapes import ShapeSubjectEmbedder  # numpy, scipy and PIL only: no torch
+
+            embedders.append(ShapeSubjectEmbedder(cfg.object.shapes))
+        elif "object" in cfg.id_kinds:
             from rewards.objects import ObjectEmbedder
 
             embedders.append(ObjectEmbedder.from_config(cfg.object, cfg.device))
@@ -95,6 +99,7 @@ def reward_info(cfg: RewardConfig) -> dict:
         backends["id"] = {
             "kinds": list(cfg.id_kinds),
             "face_backend": cfg.face.backend if "face" in cfg.id_kinds else None,
+            "object_backend": cfg.object.backend if "object" in cfg.id_kinds else None,
         }
     if "text" in weights:
         backends["text"] = {"model": cfg.clip.model_name}

@@ -62,14 +62,70 @@ class FaceConfig:
 
 
 @dataclass(frozen=True)
+class ShapesConfig:
+    """The weight-free ``shapes`` object backend (rewards/shapes.py): flat-coloured shapes on a plain
+    background, as in the embedded synthetic data. Colour distances of pixels are Euclidean in sRGB with
+    channels in [0, 1] (so at most sqrt(3)); the similarity is colour_weight * s_colour + shape_weight *
+    s_shape, in [-1, 1]."""
+
+    median_size: int = 3  # median filter window (pixels) against pixel noise; 1 turns it off
+    # The filter runs only on noisy images: when the median distance of the border pixels from the
+    # background colour exceeds this (about 0.07 for Gaussian noise of std 20/255 on white, 0 for a
+    # clean render, whose small shapes would lose their corners to the filter).
+    noise_threshold: float = 0.02
+    foreground_threshold: float = 0.2  # sRGB distance from the background above which a pixel is foreground
+    colour_radius: float = 0.12  # sRGB radius of one subject colour (mean-shift kernel)
+    min_area_fraction: float = 0.01  # components smaller than this fraction of the image are dropped
+    shape_grid: int = 8  # side of the occupancy grid describing a shape
+    colour_scale: float = 40.0  # CIE76 delta E at which s_colour = 0 (-1 at twice it)
+    shape_floor: float = 0.6  # grid IoU at which s_shape = 0 (different synthetic shapes: about 0.5 to 0.8)
+    # Weights of the colour and shape terms, summing to 1. Equal by default: a subject in the right colour
+    # but the wrong shape earns about half, so shape fidelity, what a tiny base learns last, still pays.
+    colour_weight: float = 0.5
+    shape_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.median_size < 1:
+            raise ValueError(f"median_size must be >= 1, got {self.median_size}")
+        if self.noise_threshold < 0:
+            raise ValueError(f"noise_threshold must be >= 0, got {self.noise_threshold}")
+        if not 0 < self.foreground_threshold < 3**0.5:
+            raise ValueError(f"foreground_threshold must be in (0, sqrt(3)), got {self.foreground_threshold}")
+        if not 0 < self.colour_radius < 3**0.5:
+            raise ValueError(f"colour_radius must be in (0, sqrt(3)), got {self.colour_radius}")
+        if not 0 < self.min_area_fraction < 1:
+            raise ValueError(f"min_area_fraction must be in (0, 1), got {self.min_area_fraction}")
+        if self.shape_grid < 2:
+            raise ValueError(f"shape_grid must be >= 2, got {self.shape_grid}")
+        if self.colour_scale <= 0:
+            raise ValueError(f"colour_scale must be > 0, got {self.colour_scale}")
+        if not 0 <= self.shape_floor < 1:
+            raise ValueError(f"shape_floor must be in [0, 1), got {self.shape_floor}")
+        for name in ("colour_weight", "shape_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if abs(self.colour_weight + self.shape_weight - 1.0) > 1e-6:
+            raise ValueError(
+                f"colour_weight + shape_weight must be 1 (keeps the similarity in [-1, 1]), "
+                f"got {self.colour_weight} + {self.shape_weight}"
+            )
+
+
+@dataclass(frozen=True)
 class ObjectConfig:
+    # grounding: Florence-2 -> SAM2 -> DINOv2 (the paper's setup, the three folders below); shapes: the
+    # weight-free backend for the embedded synthetic data (``shapes`` below, no model files).
+    backend: Literal["grounding", "shapes"] = "grounding"
     florence_dir: str = ""  # Florence-2 (transformers Florence2ForConditionalGeneration + processor)
     sam2_dir: str = ""  # SAM2 (transformers Sam2Model + Sam2Processor)
     dinov2_dir: str = ""  # DINOv2 (transformers Dinov2Model + image processor)
     max_new_tokens: int = 64  # grounding output length (4 location tokens per box plus phrase tokens)
     dedupe_iou: float = 0.9  # boxes found for two captions that overlap this much are one candidate
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
 
     def __post_init__(self) -> None:
+        if self.backend not in ("grounding", "shapes"):
+            raise ValueError(f"backend must be grounding or shapes, got {self.backend!r}")
         if self.max_new_tokens < 4:
             raise ValueError(f"max_new_tokens must be >= 4 (one box), got {self.max_new_tokens}")
         if not 0 < self.dedupe_iou <= 1:
@@ -129,8 +185,9 @@ class RewardConfig:
     preset: Literal["multi_human", "multi_object", "weight_free", "custom"] = "custom"
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     device: str = "cpu"  # torch device of the CLIP/HPSv2/Florence-2/SAM2/DINOv2 models
-    # Subject kinds the ``id`` component scores: face (the face backend), object (Florence-2 -> SAM2 ->
-    # DINOv2). A request with a reference of another kind is rejected.
+    # Subject kinds the ``id`` component scores: face (the face backend), object (object.backend:
+    # Florence-2 -> SAM2 -> DINOv2, or the weight-free shapes). A request with a reference of another
+    # kind is rejected.
     id_kinds: tuple[Literal["face", "object"], ...] = ("face",)
     face: FaceConfig = field(default_factory=FaceConfig)
     object: ObjectConfig = field(default_factory=ObjectConfig)

@@ -1,7 +1,8 @@
 """The ``id`` component: multi-subject fidelity by one-to-one matching (MultiCrafter Eq. 10).
 
 For each image and each subject kind it has references of, an embedder finds candidate subjects in the
-generated image (faces; or objects grounded by the references' captions), C[i, j] = similarity(reference
+generated image (faces; objects grounded by the references' captions, or located by the weight-free
+shape backend), C[i, j] = similarity(reference
 i, candidate j), and the Hungarian assignment picks the pairs. Kinds never match across (a face cannot
 stand in for an object), so the matched sums of the kinds add up and
 

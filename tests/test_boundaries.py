@@ -21,8 +21,9 @@ WRONG_IMPORTS = [
     ("samplers/steps.py", "import numpy", "samplers import torch and nothing else of ours or of the heavy stack"),
     ("policies/ids.py", "import rl_align.core.config", "policies never import rewards or rl_align"),
     ("rewards/matching.py", "import policies", "rewards never import policies or rl_align"),
-    ("rl_align/sft/data.py", "import rl_align.ippo.tasks", "the trainers sit on core, and ippo and sft never import each other"),
-    ("rl_align/core/tracking.py", "import rl_align.ippo.losses", "the trainers sit on core, and ippo and sft never import each other"),
+    ("rl_align/sft/data.py", "import rl_align.ippo.tasks", "eval sits on the trainers, the trainers on core, ippo and sft apart"),
+    ("rl_align/core/tracking.py", "import rl_align.ippo.losses", "eval sits on the trainers, the trainers on core, ippo and sft apart"),
+    ("rl_align/ippo/learner.py", "import rl_align.eval", "eval sits on the trainers, the trainers on core, ippo and sft apart"),
     ("rl_align/ippo/trainer.py", "import ray", "only the actor modules import Ray"),
 ]
 

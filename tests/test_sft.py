@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from policies import FluxPolicy
-from rl_align.core.config import load_config
+from policies import AttentionSwitches, FluxPolicy
+from rl_align.core.config import ConfigError, load_config
 from rl_align.core.optim import make_optimizer
 from rl_align.sft.builders import SYNTHETIC_CATEGORIES, build_synthetic_manifest
 from rl_align.sft.config import DiptychConfig, OptimConfig, SFTConfig, TimestepConfig
@@ -94,10 +94,27 @@ def test_stage_policies():
     base = SFTConfig().policy
     diptych = stage_policy(base, "diptych")
     assert not diptych.lora.enabled and diptych.dual_branch.enabled and diptych.moe_lora == base.moe_lora
+    assert diptych.attention.static_routing and not diptych.attention.temperature
     position = stage_policy(base, "position_id")
-    assert position.position_scheme == "condition_id" and position.attention.temperature
+    assert position.position_scheme == "condition_id" and position.attention.temperature and not position.attention.static_routing
     for stage in ("single", "idar", "routing"):
         assert stage_policy(base, stage) == base
+
+
+def test_stages_train_in_the_attention_mode_of_the_policy_they_produce():
+    """The objective's switches: the trained policy's mode (static routing, temperature) plus the stage's
+    captures, so warm start, RL and evaluation run one model."""
+    def switches(stage, *overrides):
+        cfg = load_config(SFTConfig, None, [f"stage={stage}", *overrides])
+        policy = FluxPolicy.from_config(stage_policy(cfg.policy, stage))
+        return StageObjective(policy, dataclasses.replace(cfg, policy=policy.cfg)).switches
+
+    assert switches("diptych") == AttentionSwitches(static_routing=True)
+    assert switches("position_id") == AttentionSwitches(temperature=True)
+    assert switches("idar", "policy.attention.temperature=true") == AttentionSwitches(capture=True, temperature=True)
+    assert switches("routing") == AttentionSwitches(capture_routing=True)
+    with pytest.raises(ConfigError, match="dynamic_routing is an inference-time mode"):
+        load_config(SFTConfig, None, ["policy.attention.dynamic_routing=true"])
 
 
 def test_bucket_size_keeps_aspect_and_multiple():

@@ -46,6 +46,7 @@ def test_manifest_loads_and_picks_deterministically(tmp_path):
     "line, message",
     [
         ("{not json", r"tasks.jsonl:2: not valid JSON"),
+        ("[1, 2]", r"tasks.jsonl:2: expected a JSON object, got list"),
         (json.dumps({"references": []}), r"tasks.jsonl:2: expected an object with a string 'prompt'"),
         (json.dumps({"prompt": "p", "references": [{"image": "missing.png", "kind": "face"}]}), r"tasks.jsonl:2: references\[0\].image: file .*missing.png does not exist"),
         (json.dumps({"prompt": "p", "references": [{"image": "ref.png", "kind": "animal"}]}), r"tasks.jsonl:2: references\[0\].kind: expected one of face, object"),
@@ -54,6 +55,13 @@ def test_manifest_loads_and_picks_deterministically(tmp_path):
 def test_bad_manifest_lines_name_file_and_line(tmp_path, line, message):
     path = _write(tmp_path, [json.dumps({"prompt": "fine"}), line])
     with pytest.raises(ManifestError, match=message):
+        ManifestTasks(path, seed=0)
+
+
+def test_a_manifest_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "tasks.jsonl"
+    path.write_bytes(json.dumps({"prompt": "fine"}).encode() + b"\n\xff\xfe\n")
+    with pytest.raises(ManifestError, match=r"tasks.jsonl: not UTF-8 text \(byte 19\)"):
         ManifestTasks(path, seed=0)
 
 

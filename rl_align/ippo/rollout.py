@@ -86,19 +86,25 @@ def reference_tensor(subject: ReferenceSubject, size: int) -> torch.Tensor:
     return F.interpolate(image, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
 
 
-def task_conditioning(policy: FluxPolicy, task: Task, cfg: RolloutConfig) -> Conditioning:
-    """Encode the task's prompt and references for a target of image_size pixels. With the
-    ``condition_id`` position scheme, each reference's caption is its item phrase and its condition id
-    comes from its category (policy.condition_categories, as in warm-start training); a task without
-    categories numbers its references 1, 2, ... instead."""
+def condition_task(policy: FluxPolicy, task: Task, height: int, width: int, reference_size: int) -> Conditioning:
+    """Encode the task's prompt and references (each resized to reference_size pixels) for a target of
+    height x width pixels: the one conditioning of RL, evaluation and generation. When the policy needs
+    item phrases (condition-id positions, dynamic routing), each reference's caption is its phrase in the
+    prompt. Under the ``condition_id`` scheme a reference's condition id comes from its category
+    (policy.condition_categories, as in warm-start training); a task without categories numbers its
+    references 1, 2, ... instead."""
     captions = [r.caption for r in task.references]
-    with_items = policy.cfg.position_scheme == "condition_id"
-    prompts = policy.encode_prompts([task.prompt], item_phrases=captions if with_items else None)
-    references = [reference_tensor(r, cfg.reference_size) for r in task.references]
+    prompts = policy.encode_prompts([task.prompt], item_phrases=captions if policy.needs_item_phrases else None)
+    references = [reference_tensor(r, reference_size) for r in task.references]
     condition_ids = None
-    if with_items:
+    if policy.cfg.position_scheme == "condition_id":
         condition_ids = policy.condition_ids(task.categories) if task.categories else tuple(range(1, len(references) + 1))
-    return policy.condition(prompts, references, cfg.image_size, cfg.image_size, condition_ids)
+    return policy.condition(prompts, references, height, width, condition_ids)
+
+
+def task_conditioning(policy: FluxPolicy, task: Task, cfg: RolloutConfig) -> Conditioning:
+    """The task's conditioning for the rollout's square images."""
+    return condition_task(policy, task, cfg.image_size, cfg.image_size, cfg.reference_size)
 
 
 def image_seq_len(policy: FluxPolicy, cfg: RolloutConfig) -> int:

@@ -10,7 +10,6 @@ Two sources behind one interface, both deterministic in (seed, iteration, group)
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -20,6 +19,7 @@ from PIL import Image
 
 from rewards.types import SUBJECT_KINDS, ReferenceSubject
 from rl_align.core.errors import ManifestError
+from rl_align.core.jsonl import json_objects
 from rl_align.core.synthetic import render_reference, sample_subjects, scene_prompt
 from samplers.noise import key_seed
 
@@ -69,17 +69,12 @@ class ManifestTasks:
         self.path, self.seed = Path(path), seed
         if not self.path.is_file():
             raise ManifestError(f"task manifest {self.path} does not exist (expected a JSON Lines file of prompts and references)")
-        self.tasks = [self._parse(number, line) for number, line in enumerate(self.path.read_text().splitlines(), 1) if line.strip()]
+        self.tasks = [self._parse(where, record) for where, record in json_objects(self.path)]
         if not self.tasks:
             raise ManifestError(f"{self.path}: no tasks")
 
-    def _parse(self, number: int, line: str) -> Task:
-        where = f"{self.path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ManifestError(f"{where}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+    def _parse(self, where: str, record: dict) -> Task:
+        if not isinstance(record.get("prompt"), str):
             raise ManifestError(f"{where}: expected an object with a string 'prompt'")
         references = record.get("references", [])
         if not isinstance(references, list):

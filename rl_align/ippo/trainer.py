@@ -171,11 +171,14 @@ def save_samples(workers: Workers, result: IterationResult, path: Path, columns:
 
 
 def open_run(cfg: GSPOTrainConfig, resume: Path | None) -> Path:
+    """The run folder with config.yaml and policy.yaml (the policy as trained, for evaluation and
+    generation with the run's adapters)."""
     if resume is not None:
         save_config(cfg, resume / "config.yaml")
         run_dir = resume
     else:
         run_dir = create_run_dir(cfg.run, cfg, prefix="gspo")
+    save_config(cfg.policy, run_dir / "policy.yaml")
     setup_logging(run_dir)
     log.info("run folder %s", run_dir.resolve())
     return run_dir

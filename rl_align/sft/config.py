@@ -134,4 +134,6 @@ class SFTConfig:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.policy.attention.dynamic_routing:
+            raise ValueError("policy.attention.dynamic_routing is an inference-time mode (MUSAR Eq. 2-4): set it for RL, evaluation or generation, not warm-start training")
         stage_recipe(self.stage).check_config(self)

@@ -12,6 +12,8 @@ accumulates their gradients weighted by group size, so the loss is the batch mea
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from typing import Callable, NamedTuple, Sequence
 
@@ -84,7 +86,9 @@ class StageObjective:
     def __init__(self, policy: FluxPolicy, cfg: SFTConfig):
         self.policy, self.cfg = policy, cfg
         self.stage = stage_recipe(cfg.stage)
-        self.switches = self.stage.switches
+        # the stage's capture switches on top of the attention mode the trained policy runs with everywhere
+        mode = policy.attention_mode
+        self.switches = dataclasses.replace(self.stage.switches, static_routing=mode.static_routing, temperature=mode.temperature)
 
     def condition_ids(self, categories: Sequence[str]) -> tuple[int, ...] | None:
         return self.policy.condition_ids(categories) if self.stage.condition_ids else None

@@ -5,9 +5,13 @@ so the objective and the trainer hold no per-stage branches.
 | --- | --- | --- | --- | --- | --- |
 | single | as configured | none | none | none | the manifest |
 | idar | as configured | map capture in double blocks | none | lambda Dice(maps, masks), 0.3 (MultiCrafter Eq. 4-6) | the manifest |
-| diptych | dual-branch LoRA for plain LoRA | MUSAR static routing | none | none | single -> 80/20 -> same-category diptychs |
-| position_id | condition-id positions + temperature MLP | Dynamic Attention Modulation | shared by a conditioning group | none | the manifest |
+| diptych | dual-branch LoRA for plain LoRA, MUSAR static routing | none | none | none | single -> 80/20 -> same-category diptychs |
+| position_id | condition-id positions, temperature MLP (Dynamic Attention Modulation) | none | shared by a conditioning group | none | the manifest |
 | routing | as configured | prompt routing-map capture | per sample | lambda mean ||M - M_gt||^2, 0.1 (AnyStory Eq. 4) | the manifest |
+
+Attention features that act at inference (routing, temperature) belong to the trained policy's attention
+mode (``PolicyConfig.attention``, saved in policy.yaml), so RL, evaluation and generation run them too;
+a stage's own switches are the captures its regularizer needs.
 
 ``STAGES`` (the names, in this order) and the config's ``stage`` Literal come from ``REGISTRY``.
 """
@@ -118,17 +122,19 @@ class IdarStage(StageRecipe):
 
 
 class DiptychStage(StageRecipe):
-    """MUSAR: dual-branch LoRA in place of plain LoRA, static routing, and the diptych curriculum over
+    """MUSAR: dual-branch LoRA in place of plain LoRA, static routing (in the policy's attention mode), and the diptych curriculum over
     three streams (single-subject samples, random-pair and same-category diptychs built at start)."""
 
     name = "diptych"
-    switches = AttentionSwitches(static_routing=True)
     sources = ("single", "random", "same_category")
     eval_source = "same_category"
 
     def trained_policy(self, policy: PolicyConfig) -> PolicyConfig:
         return dataclasses.replace(
-            policy, lora=dataclasses.replace(policy.lora, enabled=False), dual_branch=dataclasses.replace(policy.dual_branch, enabled=True)
+            policy,
+            lora=dataclasses.replace(policy.lora, enabled=False),
+            dual_branch=dataclasses.replace(policy.dual_branch, enabled=True),
+            attention=dataclasses.replace(policy.attention, static_routing=True),
         )
 
     def check_config(self, cfg: SFTConfig) -> None:
@@ -163,7 +169,6 @@ class PositionIdStage(StageRecipe):
     Modulation (the temperature MLP)."""
 
     name = "position_id"
-    switches = AttentionSwitches(temperature=True)
     phrase_spans = "shared"
     condition_ids = True
 

@@ -214,14 +214,14 @@ def evaluate(objective: StageObjective, batch: SFTBatch, key: int, metrics: Metr
 @torch.no_grad()
 def save_samples(objective: StageObjective, batch: SFTBatch, cfg: SFTConfig, path: Path) -> None:
     """One row per evaluation sample: its references (stretched to the target size), the target, and an
-    image generated from fixed noise with sample_steps Euler steps and the stage's attention switches."""
+    image generated from fixed noise with sample_steps Euler steps in the policy's attention mode."""
     policy = objective.policy
     height, width = batch.targets.shape[-2:]
     noise, _ = objective.flow_sample(batch, key_seed("sft-samples", cfg.run.seed))
     rows = []
     for indices in objective.groups(batch):
         group = batch.select(indices)
-        velocity = policy.velocity_fn(objective.conditioning(group), objective.switches)
+        velocity = policy.velocity_fn(objective.conditioning(group))
         sigmas = flux_sigmas(cfg.output.sample_steps, noise.shape[-2] * noise.shape[-1] // 4)
         generated = policy.decode_latents(ode_solve(velocity, noise[indices].to(policy.device), sigmas))
         for i in range(len(indices)):
