@@ -2,6 +2,7 @@
 #   make train   runs the main job (IPPO/GSPO) on the embedded default: tiny model, CPU, offline
 #   make test    checks the import contracts and lints (pyproject.toml), then runs the test suite
 #                (what CI runs through .ci/run)
+#   make eval    evaluates the base against the newest IPPO run of `make train` on held-out synthetic tasks
 # Both create the virtual environment in $(VENV) when it is missing or out of date.
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +11,7 @@ FLAVOUR ?= cpu
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(FLAVOUR)
 
-.PHONY: train test bench venv clean-venv
+.PHONY: train test eval bench venv clean-venv
 
 venv: $(STAMP)
 
@@ -26,6 +27,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 train: $(STAMP)
 	$(PY) scripts/train_gspo.py $(ARGS)
+
+# The newest run folder of `make train` (or RUN=runs/<name>) against the base it started from.
+RUN ?= $(shell ls -td runs/gspo-* 2>/dev/null | head -1)
+eval: $(STAMP)
+	@test -n "$(RUN)" || { echo "make eval: no runs/gspo-* folder; run make train first (or give RUN=runs/<name>)"; exit 2; }
+	$(PY) scripts/evaluate.py --config configs/eval/quickstart.yaml --compare base=configs/policy/tiny_base.yaml ippo=$(RUN) $(ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/lint-imports

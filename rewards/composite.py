@@ -57,6 +57,10 @@ def _build_scorer(name: str, cfg: RewardConfig) -> Scorer:
         from rewards.weight_free import ColourTargetScorer
 
         return ColourTargetScorer(cfg.colour)
+    if name in ("subject_count", "background"):
+        from rewards.shapes import BackgroundScorer, SubjectCountScorer
+
+        return SubjectCountScorer(cfg.object.shapes) if name == "subject_count" else BackgroundScorer(cfg.object.shapes)
     if name == "id":
         from rewards.identity import IdentityScorer
 

@@ -3,8 +3,8 @@ YAML and ``key=value`` overrides). Every model loads from a local path named her
 
 Components and their weights (MultiCrafter Eq. 9: R = w_text R_clip + w_aes R_hps + w_id R_id):
 ``id`` (Hungarian multi-subject fidelity over face and object references), ``text`` (CLIP image-text
-cosine), ``aesthetic`` (HPSv2), and the weight-free ``jpeg_compressibility``, ``jpeg_incompressibility``
-and ``colour_target``. A component is loaded only when its resolved weight is non-zero.
+cosine), ``aesthetic`` (HPSv2), and the weight-free ``jpeg_compressibility``, ``jpeg_incompressibility``,
+``colour_target``, ``subject_count`` and ``background`` (rewards/weight_free.py, rewards/shapes.py). A component is loaded only when its resolved weight is non-zero.
 """
 
 from __future__ import annotations
@@ -16,8 +16,13 @@ from typing import Literal
 PRESETS: dict[str, dict[str, float]] = {
     "multi_human": {"id": 0.5, "text": 1.4, "aesthetic": 0.7},
     "multi_object": {"id": 1.0, "text": 1.4, "aesthetic": 0.7},
-    # Offline and weight-free: the reward of the CPU quickstart.
+    # Offline and weight-free: a colour target, and the embedded default's multi-subject reward (with
+    # id_kinds [object] and object.backend shapes): R_id by Hungarian matching of located shapes, plus
+    # stand-ins for the text term (the named number of subjects) and the aesthetic term (a clean background).
     "weight_free": {"colour_target": 1.0},
+    # Light stand-in weights: at 0.25 or 0.5 a tiny policy learns to draw fewer blobs and loses R_id;
+    # without them it sprays extra blobs, which raises R_id (more candidates to match) and ruins the count.
+    "synthetic_shapes": {"id": 1.0, "subject_count": 0.1, "background": 0.1},
     "custom": {},
 }
 
@@ -33,6 +38,8 @@ class WeightsConfig:
     jpeg_compressibility: float | None = None
     jpeg_incompressibility: float | None = None
     colour_target: float | None = None
+    subject_count: float | None = None
+    background: float | None = None
 
 
 @dataclass(frozen=True)
@@ -83,8 +90,13 @@ class ShapesConfig:
     # but the wrong shape earns about half, so shape fidelity, what a tiny base learns last, still pays.
     colour_weight: float = 0.5
     shape_weight: float = 0.5
+    # The ``background`` component: the colour the prompt names for the background (the synthetic
+    # scenes are "on a white background"), sRGB in [0, 1].
+    background_rgb: tuple[float, ...] = (1.0, 1.0, 1.0)
 
     def __post_init__(self) -> None:
+        if len(self.background_rgb) != 3 or not all(0.0 <= c <= 1.0 for c in self.background_rgb):
+            raise ValueError(f"background_rgb must be three values in [0, 1], got {self.background_rgb}")
         if self.median_size < 1:
             raise ValueError(f"median_size must be >= 1, got {self.median_size}")
         if self.noise_threshold < 0:
@@ -182,7 +194,7 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    preset: Literal["multi_human", "multi_object", "weight_free", "custom"] = "custom"
+    preset: Literal["multi_human", "multi_object", "weight_free", "synthetic_shapes", "custom"] = "custom"
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     device: str = "cpu"  # torch device of the CLIP/HPSv2/Florence-2/SAM2/DINOv2 models
     # Subject kinds the ``id`` component scores: face (the face backend), object (object.backend:

@@ -44,7 +44,7 @@ from PIL import Image
 from scipy import ndimage
 
 from rewards.config import ShapesConfig
-from rewards.types import InputError, ReferenceSubject
+from rewards.types import InputError, ReferenceSubject, ScoreBatch
 
 # Colours sampled for the O(m^2) density of the mean-shift seeds; the modes need no more.
 MAX_COLOUR_SAMPLES = 1024
@@ -249,3 +249,47 @@ class ShapeSubjectEmbedder:
 
     def similarity(self, refs: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         return shape_colour_similarity(refs, candidates, self.cfg)
+
+
+class SubjectCountScorer:
+    """``subject_count``, a weight-free stand-in for the text term of Eq. 9 on the synthetic scenes: the
+    prompt names N subjects (one per reference) and the image should show that many,
+    R = clip(1 - |K - N| / max(N, 1), -1, 1) with K the subjects located (``locate_subjects``)."""
+
+    name = "subject_count"
+
+    def __init__(self, cfg: ShapesConfig):
+        self.cfg = cfg
+
+    def score(self, batch: ScoreBatch) -> np.ndarray:
+        scores = []
+        for image, references in zip(batch.images, batch.references):
+            found, named = len(locate_subjects(image, self.cfg).boxes), len(references)
+            scores.append(float(np.clip(1.0 - abs(found - named) / max(named, 1), -1.0, 1.0)))
+        return np.asarray(scores)
+
+
+class BackgroundScorer:
+    """``background``, a weight-free stand-in for the aesthetic term of Eq. 9: how clean the background
+    is. Over the pixels outside every located subject, R = mean(1 - min(1, d / foreground_threshold)),
+    with d the sRGB distance of a pixel from the named background colour (``background_rgb``): 1 for a
+    clean background, 0 where every such pixel is as far off as a subject."""
+
+    name = "background"
+
+    def __init__(self, cfg: ShapesConfig):
+        self.cfg = cfg
+
+    def score(self, batch: ScoreBatch) -> np.ndarray:
+        target = np.asarray(self.cfg.background_rgb, dtype=np.float64)
+        scores = []
+        for image in batch.images:
+            masks = locate_subjects(image, self.cfg).masks  # (K, H, W)
+            outside = ~masks.any(axis=0) if len(masks) else np.ones(image.shape[:2], dtype=bool)
+            pixels = image[outside].astype(np.float64) / 255.0  # (P, 3)
+            if not len(pixels):
+                scores.append(0.0)
+                continue
+            distance = np.linalg.norm(pixels - target, axis=1)
+            scores.append(float(np.mean(1.0 - np.minimum(1.0, distance / self.cfg.foreground_threshold))))
+        return np.asarray(scores)

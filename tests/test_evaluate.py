@@ -28,6 +28,7 @@ from policies import PolicyConfig
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "eval" / "quickstart.yaml"
 TINY = ROOT / "configs" / "policy" / "tiny.yaml"
+METRICS = ("id", "subject_count", "background", "subjects_found")
 SMALL = ["num_tasks=3", "generation.num_images=2", "generation.steps=3", "generation.height=32", "generation.width=32",
          "generation.reference_size=16", "bootstrap_samples=200"]
 
@@ -44,17 +45,17 @@ def test_compare_writes_every_output_and_identical_policies_give_identical_rows(
                        f"output_root={tmp_path}", "name=e", *SMALL)
     assert result.returncode == 0, result.stderr[-3000:]
     folder = tmp_path / "e"
-    assert "| Policy | R_id | Subjects found | Overall AVG |" in result.stdout
+    assert "| Policy | R_id | R_count | R_background | Subjects found | Overall AVG |" in result.stdout
     report = json.loads((folder / "metrics.json").read_text())
     assert report["tasks"] == 3 and report["images_per_task"] == 2 and list(report["policies"]) == ["a", "b", "c"]
     a, b = report["policies"]["a"], report["policies"]["b"]
     assert a["aggregate"] == b["aggregate"] and a["tasks"] == b["tasks"]
-    assert set(a["aggregate"]) == {"id", "subjects_found", "overall"} and len(a["tasks"]) == 3
+    assert set(a["aggregate"]) == {*METRICS, "overall"} and len(a["tasks"]) == 3
     assert all(len(task["per_image"]["id"]) == 2 for task in a["tasks"])
     table = (folder / "table.md").read_text().splitlines()
     assert table[2].split("|")[2:] == table[3].split("|")[2:]  # rows a and b agree cell by cell
     rows = list(csv.DictReader((folder / "table.csv").open()))
-    assert {(r["policy"], r["metric"]) for r in rows} == {(p, m) for p in "abc" for m in ("id", "subjects_found", "overall")}
+    assert {(r["policy"], r["metric"]) for r in rows} == {(p, m) for p in "abc" for m in (*METRICS, "overall")}
     images = {p: sorted((folder / "images" / p).glob("*.png")) for p in "abc"}
     assert [len(v) for v in images.values()] == [6, 6, 6]
     digest = {p: [hashlib.sha256(f.read_bytes()).hexdigest() for f in v] for p, v in images.items()}

@@ -260,3 +260,43 @@ def test_the_reward_server_scores_with_the_shapes_backend():
         np.testing.assert_allclose(result.rewards, build_reward(SHAPES_REWARD).score(batch).rewards, rtol=1e-12)
         assert result.rewards[0] > 0.9 and result.rewards[1] == pytest.approx(result.rewards[0] / 2, abs=0.05)
         assert client.info()["backends"]["id"]["object_backend"] == "shapes"
+
+
+def test_subject_count_scores_the_named_number_of_subjects():
+    from rewards.shapes import SubjectCountScorer
+
+    one, _ = _scene([(RED_CIRCLE, 8, 8, 20)])
+    two, _ = _scene([(RED_CIRCLE, 8, 8, 20), (BLUE_SQUARE, 36, 36, 20)])
+    three, _ = _scene([(RED_CIRCLE, 4, 4, 16), (BLUE_SQUARE, 40, 40, 16), (ShapeSubject("diamond", "green"), 40, 4, 16)])
+    blank = np.full((64, 64, 3), 255, np.uint8)
+    refs = [_reference(RED_CIRCLE), _reference(BLUE_SQUARE)]
+    scores = SubjectCountScorer(CFG).score(ScoreBatch([two, one, three, blank, one], ["p"] * 5, [refs, refs, refs, refs, refs[:1]]))
+    # 1 - |K - N| / N: exact for 2 of 2, one missing or one extra cost 1/2, none found costs all, 1 of 1
+    np.testing.assert_allclose(scores, [1.0, 0.5, 0.5, 0.0, 1.0])
+
+
+def test_background_scores_how_clean_the_named_background_is():
+    from rewards.shapes import BackgroundScorer
+
+    clean, _ = _scene([(RED_CIRCLE, 8, 8, 20), (BLUE_SQUARE, 36, 36, 20)])
+    speckled = clean.copy()
+    speckled[::4, ::4] = (128, 128, 128)  # grey specks too small to be subjects
+    grey = np.full((64, 64, 3), 200, np.uint8)
+    scores = BackgroundScorer(CFG).score(ScoreBatch([clean, speckled, grey], ["p"] * 3))
+    assert scores[0] == pytest.approx(1.0, abs=1e-9)  # the subjects themselves do not count against it
+    assert 0.5 < scores[1] < 0.99 and scores[2] < scores[1]
+    grey_pixel = np.linalg.norm(np.full(3, 55 / 255))
+    assert scores[2] == pytest.approx(max(0.0, 1 - grey_pixel / CFG.foreground_threshold), abs=1e-9)
+    black_named = BackgroundScorer(ShapesConfig(background_rgb=(0.0, 0.0, 0.0))).score(ScoreBatch([clean], ["p"]))
+    assert black_named[0] == 0.0  # white is as far from a named black background as a subject
+
+
+def test_the_synthetic_shapes_preset_logs_each_component():
+    cfg = load_config(RewardConfig, ROOT / "configs" / "rewards" / "synthetic_shapes.yaml")
+    reward = build_reward(cfg)
+    scene, _ = _scene([(RED_CIRCLE, 8, 8, 20), (BLUE_SQUARE, 36, 36, 20)])
+    result = reward.score(ScoreBatch([scene], ["p"], [[_reference(RED_CIRCLE), _reference(BLUE_SQUARE)]]))
+    assert set(result.components) == {"id", "subject_count", "background"}
+    expected = result.components["id"] + 0.1 * result.components["subject_count"] + 0.1 * result.components["background"]
+    np.testing.assert_allclose(result.rewards, expected)
+    assert result.components["id"][0] > 0.9 and result.components["subject_count"][0] == 1.0

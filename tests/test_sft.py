@@ -15,10 +15,11 @@ from policies import AttentionSwitches, FluxPolicy
 from rl_align.core.config import ConfigError, load_config
 from rl_align.core.optim import make_optimizer
 from rl_align.sft.builders import SYNTHETIC_CATEGORIES, build_synthetic_manifest
-from rl_align.sft.config import DiptychConfig, OptimConfig, SFTConfig, TimestepConfig
+from rl_align.core.flow_matching import TimestepConfig, flow_matching_pair, sample_timesteps
+from rl_align.sft.config import DiptychConfig, OptimConfig, SFTConfig
 from rl_align.sft.data import BatchStream, SFTDataConfig, bucket_size, subject_count_limit
 from rl_align.sft.manifest import SampleRecord, load_manifest, write_manifest
-from rl_align.sft.objective import StageObjective, flow_matching_pair, learning_rate_at, sample_timesteps, train_step
+from rl_align.sft.objective import StageObjective, learning_rate_at, train_step
 from rl_align.sft.stages import STAGES, diptych_source, stage_policy
 from samplers import euler_step
 from samplers.schedule import static_time_shift

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from rl_align.core.checkpoints import list_checkpoints
 from rl_align.core.config import load_config
+from rl_align.core.tiny_base import TinyBaseConfig, build_tiny_base
 from rl_align.ippo.config import GSPOTrainConfig
 from rl_align.ippo.trainer import train
 
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("train_gspo_script", ROOT / "scripts" / "train_gspo.py")
 SCRIPT = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(SCRIPT)
-TINY = [
+TINY_RUN = [
     "sampler.num_steps=6", "sampler.window_shift_interval=2", "rollout.image_size=32", "rollout.reference_size=16",
     "rollout.group_size=4", "rollout.chunk_size=2", "tasks.reference_size=16", "learner.learning_rate=1e-3",
     "workers.rollout_workers=2", "workers.learners=2", "workers.cpus_per_worker=0.25",
@@ -47,7 +48,15 @@ def _adapters(run: Path) -> dict[str, torch.Tensor]:
     return {**load_file(run / "adapters" / "pytorch_lora_weights.safetensors"), **load_file(run / "adapters" / "policy_adapters.safetensors")}
 
 
-def test_run_folder_and_resume(tmp_path):
+@pytest.fixture(scope="module")
+def small_base(tmp_path_factory) -> list[str]:
+    """The quickstart's overrides for a tiny base of 2 flow-matching steps (the real one takes minutes)."""
+    folder = build_tiny_base(TinyBaseConfig(steps=2, batch_size=2, sample_steps=1), tmp_path_factory.mktemp("base") / "tiny-base")
+    return [f"policy.path={folder}"]
+
+
+def test_run_folder_and_resume(tmp_path, small_base):
+    TINY = TINY_RUN + small_base
     first = _run("--config", str(ROOT / "configs" / "quickstart.yaml"), "iterations=3", f"run.output_root={tmp_path}", "run.name=r", *TINY)
     assert first.returncode == 0, first.stderr[-3000:]
     run = tmp_path / "r"
@@ -57,7 +66,7 @@ def test_run_folder_and_resume(tmp_path):
     assert [r["iteration"] for r in records] == [0, 1, 2]
     assert abs(records[0]["step/0/ratio_mean"] - 1.0) < 1e-6  # on-policy before the first update
     assert all(r["step/1/ratio_max_deviation"] > 0 for r in records)  # the quickstart's second step is off-policy
-    for key in ("reward/mean", "reward/std", "reward/colour_target/mean", "loss", "clip_fraction", "grad_norm", "window_start",
+    for key in ("reward/mean", "reward/std", "reward/id/mean", "reward/subject_count/mean", "reward/background/mean", "loss", "clip_fraction", "grad_norm", "window_start",
                 "step/1/clip_fraction", "step/1/expert_flip_rate", "offpolicy/ratio_max_deviation", "offpolicy/clip_fraction",
                 "offpolicy/expert_flip_rate", "time/rollout", "time/reward", "time/update"):
         assert key in records[0], key

@@ -15,8 +15,9 @@ from rewards.config import ClipConfig, FaceConfig, ObjectConfig
 from rl_align.eval.generation import GenerationConfig
 from rl_align.ippo.tasks import TaskConfig
 
-MetricName = Literal["clip_t", "face_sim", "dino_i", "clip_i", "hps", "id", "subjects_found"]
-# Column titles in Table 1's order; R_id is the training reward's id term, subjects_found a count.
+MetricName = Literal["clip_t", "face_sim", "dino_i", "clip_i", "hps", "id", "subject_count", "background", "subjects_found"]
+# Column titles in Table 1's order; R_id is the training reward's id term, R_count and R_background its
+# weight-free stand-ins for the text and aesthetic terms, subjects_found a count.
 METRIC_TITLES: dict[str, str] = {
     "clip_t": "CLIP-T",
     "face_sim": "Face-Sim",
@@ -24,10 +25,12 @@ METRIC_TITLES: dict[str, str] = {
     "clip_i": "CLIP-I",
     "hps": "HPS",
     "id": "R_id",
+    "subject_count": "R_count",
+    "background": "R_background",
     "subjects_found": "Subjects found",
 }
-# The similarity metrics whose mean is Table 1's "Overall AVG" (a count is not averaged in).
-OVERALL_METRICS = ("clip_t", "face_sim", "dino_i", "clip_i", "hps", "id")
+# The scores whose mean is Table 1's "Overall AVG" (a count is not averaged in).
+OVERALL_METRICS = ("clip_t", "face_sim", "dino_i", "clip_i", "hps", "id", "subject_count", "background")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ class MetricsConfig:
       objects by ``object.backend``: Florence-2 grounding from ``object.florence_dir``, or the weight-free
       shape locator), embedded by DINOv2 (``object.dinov2_dir``) or CLIP's image tower (``clip``);
     - id: the reward's R_id (Eq. 10) over every reference with the face and object backends;
+    - subject_count, background: the weight-free reward terms of the synthetic shapes (rewards/shapes.py),
+      with the shape settings of ``object.shapes``;
     - subjects_found: references with a located candidate (one-to-one), per image.
     """
 

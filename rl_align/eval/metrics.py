@@ -17,6 +17,7 @@ from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from rewards.composite import build_reward
 from rewards.config import RewardConfig, WeightsConfig
 from rewards.types import ReferenceSubject, ScoreBatch
 from rl_align.core.errors import SetupError
@@ -134,9 +135,9 @@ class MetricBackends:
                 self.locators.append(FaceLocator(embedder))
         if "object" in self.kinds and needs_locators:
             self.locators.append(_object_locator(cfg))
+        weight_free = sorted(wanted & {"subject_count", "background"})
+        self.weight_free = build_reward(RewardConfig(preset="custom", weights=WeightsConfig(**{n: 1.0 for n in weight_free}), object=cfg.object)).scorers if weight_free else {}
         if "id" in wanted and self.kinds:
-            from rewards.composite import build_reward
-
             reward = RewardConfig(preset="custom", weights=WeightsConfig(id=1.0), id_kinds=tuple(sorted(self.kinds)), device=cfg.device, face=cfg.face, object=cfg.object)
             self.id = build_reward(reward).scorers["id"]
         if "dino_i" in wanted:
@@ -156,6 +157,8 @@ class MetricBackends:
             out["clip_t"] = self.text.score(batch)
         if self.hps is not None:
             out["hps"] = self.hps.score(batch)
+        for name, scorer in self.weight_free.items():
+            out[name] = scorer.score(batch)
         if "face_sim" in wanted:
             out["face_sim"] = _face_sim(self.face, batch)
         if "id" in wanted:

@@ -16,6 +16,7 @@ from rewards import RewardConfig
 from rl_align.ippo.rollout import RolloutConfig
 from rl_align.ippo.learner import LearnerConfig
 from rl_align.core.runs import RunConfig
+from rl_align.core.tiny_base import TinyBaseConfig
 from rl_align.ippo.tasks import TaskConfig
 from samplers import SamplerConfig
 
@@ -69,6 +70,9 @@ class GSPOTrainConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    # The embedded default's tiny base: with base.build_if_missing, trained into policy.path first when
+    # that folder does not exist (rl_align/core/tiny_base.py).
+    base: TinyBaseConfig = field(default_factory=TinyBaseConfig)
     reward: RewardConfig = field(default_factory=lambda: RewardConfig(preset="weight_free"))
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     tasks: TaskConfig = field(default_factory=TaskConfig)

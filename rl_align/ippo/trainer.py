@@ -27,6 +27,7 @@ from rewards import RewardResult
 from rl_align.core.checkpoints import load_checkpoint, save_checkpoint
 from rl_align.core.config import save_config
 from rl_align.core.runs import RunResult, create_run_dir, setup_logging
+from rl_align.core.tiny_base import ensure_base
 from rl_align.core.tracking import MetricsLog, due, plot_curves, read_metrics, save_image_grid
 from rl_align.ippo.actors import RayWorkers
 from rl_align.ippo.advantages import group_advantages, weighted_component_advantages
@@ -204,6 +205,7 @@ def train(cfg: GSPOTrainConfig, resume: Path | None = None) -> RunResult:
     """Run ``cfg.iterations`` IPPO iterations on a Ray cluster (continuing the run folder ``resume`` after
     its newest checkpoint). Raises SetupError when the cluster cannot hold the workers."""
     run_dir = open_run(cfg, resume)
+    ensure_base(cfg.policy, cfg.base)
     tasks = build_task_source(cfg.tasks, cfg.run.seed)
     workers = RayWorkers(cfg)
     try:

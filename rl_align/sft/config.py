@@ -10,25 +10,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from policies import PolicyConfig
+from rl_align.core.flow_matching import TimestepConfig
 from rl_align.core.runs import RunConfig
 from rl_align.sft.data import SFTDataConfig
 from rl_align.sft.stages import STAGES, stage_recipe
 
 Stage = Literal[STAGES]  # the registry's stage names
-
-
-@dataclass(frozen=True)
-class TimestepConfig:
-    """Where on the flow x_t = (1 - t) x0 + t eps training looks."""
-
-    sampling: Literal["uniform", "logit_normal"] = "logit_normal"  # logit-normal: SD3 / FLUX fine-tuning
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    shift: float = 1.0  # t <- s t / (1 + (s - 1) t), towards noise for s > 1 (FLUX at 512 px: about 3)
-
-    def __post_init__(self) -> None:
-        if self.logit_std <= 0 or self.shift <= 0:
-            raise ValueError(f"logit_std and shift must be > 0, got {self.logit_std}, {self.shift}")
 
 
 @dataclass(frozen=True)

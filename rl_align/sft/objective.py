@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from policies import Conditioning, FluxPolicy, load_balancing_loss, mask_tokens
+from rl_align.core.flow_matching import flow_matching_pair, sample_timesteps
 from rl_align.core.optim import apply_step
-from rl_align.sft.config import OptimConfig, SFTConfig, TimestepConfig
+from rl_align.sft.config import OptimConfig, SFTConfig
 from rl_align.sft.data import SFTBatch
 from rl_align.sft.manifest import ManifestProblem, SampleRecord
 from rl_align.sft.stages import stage_recipe
@@ -30,29 +31,6 @@ from rl_align.sft.stages import stage_recipe
 
 
 # ---- pure parts -----------------------------------------------------------------------------------------
-
-
-def flow_matching_pair(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The noisy input and the regression target of flow matching (FLUX convention, t = 1 is noise):
-    x_t = (1 - t) x0 + t eps and v = eps - x0, so that an Euler step x_t + (t' - t) v lands on the same line.
-    x0, noise (B, ...), t (B,) -> x_t, v (B, ...)."""
-    t = t.to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
-    return (1 - t) * x0 + t * noise, noise - x0
-
-
-def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
-    """SD3's resolution shift t' = s t / (1 + (s - 1) t) (s > 1 moves training towards noise)."""
-    return shift * t / (1 + (shift - 1) * t)
-
-
-def sample_timesteps(count: int, generator: torch.Generator, cfg: TimestepConfig) -> torch.Tensor:
-    """(count,) training times in (0, 1): uniform, or logit-normal sigmoid(N(mean, std^2)) (SD3 Sec. 3.1),
-    then shifted."""
-    if cfg.sampling == "uniform":
-        t = torch.rand(count, generator=generator)
-    else:
-        t = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(count, generator=generator))
-    return shift_timesteps(t, cfg.shift).clamp(1e-5, 1 - 1e-5)
 
 
 def learning_rate_at(step: int, steps: int, cfg: OptimConfig) -> float:
