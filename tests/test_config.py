@@ -50,6 +50,9 @@ def test_defaults_then_yaml_then_cli(tmp_path):
         ("inner=3", ["config file 3", "'inner', a section"]),
         ("steps.x=3", ["steps", "not a section"]),
         ("steps", ["key=value"]),
+        ("inner.rate=nan", ["inner.rate", "finite number", "nan"]),
+        ("inner.rate=inf", ["inner.rate", "finite number"]),
+        ("inner.rate=-Infinity", ["inner.rate", "finite number"]),
     ],
 )
 def test_cli_errors_name_the_key(override, words):
@@ -66,6 +69,9 @@ def test_yaml_errors_name_the_key_and_file(tmp_path):
         load_config(Outer, bad)
     bad.write_text("inner:\n  bogus: 1\n")
     with pytest.raises(ConfigError, match=r"unknown config key 'inner.bogus' in .*bad.yaml"):
+        load_config(Outer, bad)
+    bad.write_text("inner:\n  rate: .nan\n")  # YAML's own spelling of NaN, read as a float
+    with pytest.raises(ConfigError, match="inner.rate: expected a finite number"):
         load_config(Outer, bad)
     bad.write_text("steps: 1.5\n")
     with pytest.raises(ConfigError, match="steps: expected an integer"):

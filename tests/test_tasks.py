@@ -47,6 +47,8 @@ def test_manifest_loads_and_picks_deterministically(tmp_path):
     [
         ("{not json", r"tasks.jsonl:2: not valid JSON"),
         ("[1, 2]", r"tasks.jsonl:2: expected a JSON object, got list"),
+        (json.dumps({"prompt": "p", "refrences": []}), r"tasks.jsonl:2: unknown key 'refrences'; a task has prompt, references"),
+        (json.dumps({"prompt": "p", "references": [{"image": "ref.png", "kind": "face", "captoin": "x"}]}), r"tasks.jsonl:2: references\[0\]: unknown key 'captoin'"),
         (json.dumps({"references": []}), r"tasks.jsonl:2: expected an object with a string 'prompt'"),
         (json.dumps({"prompt": "p", "references": [{"image": "missing.png", "kind": "face"}]}), r"tasks.jsonl:2: references\[0\].image: file .*missing.png does not exist"),
         (json.dumps({"prompt": "p", "references": [{"image": "ref.png", "kind": "animal"}]}), r"tasks.jsonl:2: references\[0\].kind: expected one of face, object"),

@@ -24,6 +24,10 @@ from rl_align.core.synthetic import render_reference, sample_subjects, scene_pro
 from samplers.noise import key_seed
 
 
+TASK_KEYS = frozenset({"prompt", "references"})
+REFERENCE_KEYS = frozenset({"image", "kind", "caption", "category"})
+
+
 @dataclass(frozen=True, eq=False)
 class Task:
     prompt: str
@@ -74,6 +78,9 @@ class ManifestTasks:
             raise ManifestError(f"{self.path}: no tasks")
 
     def _parse(self, where: str, record: dict) -> Task:
+        unknown = sorted(set(record) - TASK_KEYS)
+        if unknown:
+            raise ManifestError(f"{where}: unknown key {unknown[0]!r}; a task has {', '.join(sorted(TASK_KEYS))}")
         if not isinstance(record.get("prompt"), str):
             raise ManifestError(f"{where}: expected an object with a string 'prompt'")
         references = record.get("references", [])
@@ -84,6 +91,9 @@ class ManifestTasks:
             field = f"{where}: references[{i}]"
             if not isinstance(ref, dict) or not isinstance(ref.get("image"), str):
                 raise ManifestError(f"{field}: expected an object with a string 'image' path")
+            unknown = sorted(set(ref) - REFERENCE_KEYS)
+            if unknown:
+                raise ManifestError(f"{field}: unknown key {unknown[0]!r}; a reference has {', '.join(sorted(REFERENCE_KEYS))}")
             if ref.get("kind") not in SUBJECT_KINDS:
                 raise ManifestError(f"{field}.kind: expected one of {', '.join(SUBJECT_KINDS)}, got {ref.get('kind')!r}")
             image_path = self.path.parent / ref["image"]
