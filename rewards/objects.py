@@ -48,17 +48,23 @@ def dedupe_boxes(boxes: np.ndarray, iou_threshold: float) -> np.ndarray:
     return np.asarray(kept, dtype=np.int64)
 
 
-def masked_crop(image: np.ndarray, box: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The box's region of ``image`` with every pixel outside ``mask`` set to black, so DINOv2 sees the
-    segmented object, not its surroundings. image (H, W, 3) uint8, box (4,) x0 y0 x1 y1, mask (H, W)
-    bool -> (h, w, 3) uint8 with h, w >= 1."""
-    height, width = mask.shape
+def crop_box(image: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """The pixels of ``image`` (H, W, ...) inside box (x0, y0, x1, y1), x1 and y1 exclusive, the box rounded
+    outwards to whole pixels and clipped to the image; at least 1 x 1. A view, not a copy."""
+    height, width = image.shape[:2]
     x0 = int(np.clip(np.floor(box[0]), 0, width - 1))
     y0 = int(np.clip(np.floor(box[1]), 0, height - 1))
     x1 = int(np.clip(np.ceil(box[2]), x0 + 1, width))
     y1 = int(np.clip(np.ceil(box[3]), y0 + 1, height))
-    crop = image[y0:y1, x0:x1].copy()
-    crop[~mask[y0:y1, x0:x1]] = 0
+    return image[y0:y1, x0:x1]
+
+
+def masked_crop(image: np.ndarray, box: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The box's region of ``image`` with every pixel outside ``mask`` set to black, so DINOv2 sees the
+    segmented object, not its surroundings. image (H, W, 3) uint8, box (4,) x0 y0 x1 y1, mask (H, W)
+    bool -> (h, w, 3) uint8 with h, w >= 1."""
+    crop = crop_box(image, box).copy()
+    crop[~crop_box(mask, box)] = 0
     return crop
 
 

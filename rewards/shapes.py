@@ -71,17 +71,20 @@ def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     return np.stack([116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]), 200.0 * (f[..., 1] - f[..., 2])], -1)
 
 
+def border_pixels(image: np.ndarray) -> np.ndarray:
+    """The outermost rows and columns of an (H, W, 3) image: (2W + 2H, 3)."""
+    return np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+
+
 def border_colour(image: np.ndarray) -> np.ndarray:
-    """Per-channel median of the outermost rows and columns: (H, W, 3) -> (3,). Subjects may touch the
-    border; the median holds while most of the border is background."""
-    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])  # (2W + 2H, 3)
-    return np.median(border, axis=0)
+    """Per-channel median of the border pixels: (H, W, 3) -> (3,). Subjects may touch the border; the
+    median holds while most of the border is background."""
+    return np.median(border_pixels(image), axis=0)
 
 
 def border_noise(image: np.ndarray, background: np.ndarray) -> float:
     """Median distance of the border pixels of an (H, W, 3) image from the background colour (3,)."""
-    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])  # (2W + 2H, 3)
-    return float(np.median(np.linalg.norm(border - background, axis=1)))
+    return float(np.median(np.linalg.norm(border_pixels(image) - background, axis=1)))
 
 
 def blend_fit(colours: np.ndarray, ends: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

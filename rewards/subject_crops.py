@@ -22,18 +22,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from rewards.matching import cosine_similarity_matrix, matched_similarity_sum
+from rewards.objects import crop_box, dedupe_boxes
 from rewards.types import InputError, ReferenceSubject, ScoreBatch
-
-
-def crop_box(image: np.ndarray, box: np.ndarray) -> np.ndarray:
-    """The pixels of ``image`` (H, W, 3) inside box (x0, y0, x1, y1), x1 and y1 exclusive, the box rounded
-    outwards to whole pixels and clipped to the image; at least 1 x 1."""
-    height, width = image.shape[:2]
-    x0 = int(np.clip(np.floor(box[0]), 0, width - 1))
-    y0 = int(np.clip(np.floor(box[1]), 0, height - 1))
-    x1 = int(np.clip(np.ceil(box[2]), x0 + 1, width))
-    y1 = int(np.clip(np.ceil(box[3]), y0 + 1, height))
-    return image[y0:y1, x0:x1]
 
 
 class SubjectLocator(Protocol):
@@ -74,15 +64,20 @@ class LocatedImage(NamedTuple):
 
 
 def locate_batch(batch: ScoreBatch, locators: Sequence[SubjectLocator]) -> list[LocatedImage]:
-    """Every image's reference and candidate crops; a reference kind without a locator is an InputError."""
+    """Every image's reference and candidate crops; a reference kind without a locator is an InputError.
+    A reference shared by several images (the K images of a task) is located once and its crop shared."""
     by_kind = {locator.kind: locator for locator in locators}
+    reference_crops: dict[tuple[str, str], np.ndarray] = {}
     located = []
     for i, (image, subjects) in enumerate(zip(batch.images, batch.references)):
         references: dict[str, list[np.ndarray]] = {}
         for j, subject in enumerate(subjects):
             if subject.kind not in by_kind:
                 raise InputError(f"references[{i}][{j}].kind", f"{subject.kind!r} subjects cannot be located here (locators: {', '.join(by_kind)})")
-            references.setdefault(subject.kind, []).append(by_kind[subject.kind].reference_crop(subject, f"references[{i}][{j}]"))
+            key = subject.content_key()
+            if key not in reference_crops:
+                reference_crops[key] = by_kind[subject.kind].reference_crop(subject, f"references[{i}][{j}]")
+            references.setdefault(subject.kind, []).append(reference_crops[key])
         candidates = {}
         for kind in references:
             captions = [s.caption for s in subjects if s.kind == kind]
@@ -94,7 +89,15 @@ def locate_batch(batch: ScoreBatch, locators: Sequence[SubjectLocator]) -> list[
 def crop_similarity(located: Sequence[LocatedImage], embedder: ImageEmbedder) -> np.ndarray:
     """(B,) CLIP-I or DINO-I: per image, sum over kinds of the Hungarian-matched cosine of reference and
     candidate crops, divided by the number of references; an image without references scores NaN (the
-    metric does not apply)."""
+    metric does not apply). Reference crops shared by several images (``locate_batch``) are embedded once."""
+    embedded: dict[int, np.ndarray] = {}  # id of a shared reference crop -> (D,)
+
+    def embed_references(crops: list[np.ndarray]) -> np.ndarray:
+        missing = [crop for crop in crops if id(crop) not in embedded]
+        if missing:
+            embedded.update(zip(map(id, missing), embedder.embed(missing)))
+        return np.stack([embedded[id(crop)] for crop in crops])
+
     scores = np.full(len(located), np.nan)
     for b, image in enumerate(located):
         if not image.reference_count:
@@ -104,7 +107,7 @@ def crop_similarity(located: Sequence[LocatedImage], embedder: ImageEmbedder) ->
             candidate_crops = image.candidates[kind]
             if not candidate_crops:
                 continue
-            refs = embedder.embed(reference_crops)  # (N_kind, D)
+            refs = embed_references(reference_crops)  # (N_kind, D)
             gens = embedder.embed(candidate_crops)  # (M, D)
             matched += matched_similarity_sum(cosine_similarity_matrix(refs, gens))
         scores[b] = matched / image.reference_count
@@ -165,8 +168,6 @@ class GroundingLocator:
         self.grounder, self.dedupe_iou = grounder, dedupe_iou
 
     def locate(self, image: np.ndarray, captions: Sequence[str]) -> np.ndarray:
-        from rewards.objects import dedupe_boxes
-
         boxes = self.grounder.ground(image, captions)
         return boxes[dedupe_boxes(boxes, self.dedupe_iou)] if len(boxes) else boxes.reshape(0, 4)
 

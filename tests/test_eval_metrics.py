@@ -6,7 +6,6 @@ a subject at a known box, and the bootstrap intervals against scipy."""
 from __future__ import annotations
 
 import itertools
-import json
 
 import numpy as np
 import open_clip
@@ -19,20 +18,14 @@ from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
 from rewards.config import ObjectConfig
 from rewards.objects import Dinov2Embedder
-from rewards.subject_crops import ClipImageEmbedder, LocatedImage, ShapeLocator, crop_box, crop_similarity, locate_batch
+from rewards.objects import crop_box
+from rewards.subject_crops import ClipImageEmbedder, LocatedImage, ShapeLocator, crop_similarity, locate_batch
 from rewards.types import ReferenceSubject, ScoreBatch
 from rl_align.core.errors import SetupError
 from rl_align.core.synthetic import ShapeSubject, render_reference
 from rl_align.eval.config import MetricsConfig
+from clip_helpers import TINY, register_tiny_clip, tiny_clip
 from rl_align.eval.metrics import OVERALL, MetricBackends, Summary, summarize, table_csv, table_markdown
-
-TINY = "rl-align-eval-tiny-clip"
-TINY_CONFIG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-
 
 def _images(seed: int, count: int, size: int = 40) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -53,12 +46,10 @@ def _brute_force_match(sim: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def clip_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("clip")
-    (folder / f"{TINY}.json").write_text(json.dumps(TINY_CONFIG))
-    open_clip.add_model_config(folder / f"{TINY}.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model(TINY, pretrained=None, load_weights=False)
+    register_tiny_clip(folder)
+    model = tiny_clip(seed=0)
     torch.save(model.state_dict(), folder / "clip.bin")
-    return folder / "clip.bin", model.eval()
+    return folder / "clip.bin", model
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +140,10 @@ def test_a_subject_at_a_known_box_is_located_and_cropped_there():
     located = locate_batch(ScoreBatch([canvas, np.full((64, 64, 3), 255, np.uint8)], ["p", "p"], [[reference], [reference]]), [locator])
     assert [image.subjects_found() for image in located] == [1, 0]
     assert located[0].references["object"][0] is square  # an object reference is its whole image
+    assert located[1].references["object"][0] is square  # a reference shared by images is located once
+    other = ReferenceSubject(render_reference(ShapeSubject("circle", "red"), 20), "object", "a red circle")
+    pair = locate_batch(ScoreBatch([canvas], ["p"], [[reference, other]]), [locator])[0]
+    assert pair.references["object"][0] is square and pair.references["object"][1] is other.image
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ loaded from checkpoint files written by the test, end to end."""
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import open_clip
@@ -16,30 +15,20 @@ from rewards import RewardConfig, ScoreBatch, build_reward
 from rewards.clip_scores import ClipTextScorer, HpsScorer, hps_preprocess
 from rewards.config import ClipConfig
 from rl_align.core.config import load_config
-
-TINY = "rl-align-tiny-clip"
-TINY_CONFIG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-
+from clip_helpers import TINY, register_tiny_clip, tiny_clip
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_clip")
-    (folder / f"{TINY}.json").write_text(json.dumps(TINY_CONFIG))
-    open_clip.add_model_config(folder / f"{TINY}.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model(TINY, pretrained=None, load_weights=False)
+    register_tiny_clip(folder)
+    model = tiny_clip(seed=0)
     clip_path = folder / "clip.bin"
     torch.save(model.state_dict(), clip_path)
     # HPS checkpoints are {"state_dict": ...} saved from DDP training, with "module." prefixes.
-    torch.manual_seed(1)
-    hps_model = open_clip.create_model(TINY, pretrained=None, load_weights=False)
+    hps_model = tiny_clip(seed=1)
     hps_path = folder / "hps.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in hps_model.state_dict().items()}}, hps_path)
-    return clip_path, hps_path, model.eval(), hps_model.eval()
+    return clip_path, hps_path, model, hps_model
 
 
 def _batch():

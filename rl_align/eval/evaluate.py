@@ -27,7 +27,7 @@ from rl_align.core.runs import RunConfig, create_run_dir, setup_logging
 from rl_align.core.tracking import save_image_grid
 from rl_align.eval.config import EvalConfig
 from rl_align.eval.generation import PolicySource, generate, generation_settings, load_policy, resolve_policy, save_png
-from rl_align.eval.metrics import MetricBackends, Summary, summarize, table_csv, table_markdown
+from rl_align.eval.metrics import MetricBackends, Summary, nanmean, summarize, table_csv, table_markdown
 from rl_align.ippo.tasks import ManifestTasks, SyntheticShapeTasks, Task
 
 log = logging.getLogger(__name__)
@@ -89,16 +89,8 @@ def generate_and_score(name: str, source: PolicySource, tasks: Sequence[Task], b
     del policy
     gc.collect()
     stacked = {metric: np.stack(values) for metric, values in per_image.items()}  # (T, K)
-    per_task = {metric: _task_means(values) for metric, values in stacked.items()}
+    per_task = {metric: nanmean(values, axis=1) for metric, values in stacked.items()}  # (T,) over a task's images
     return PolicyScores(stacked, per_task)
-
-
-def _task_means(values: np.ndarray) -> np.ndarray:
-    """(T, K) -> (T,): the mean over a task's images, NaN where the metric applies to none."""
-    finite = np.isfinite(values)
-    sums = np.where(finite, values, 0.0).sum(axis=1)
-    counts = finite.sum(axis=1)
-    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
 def save_grids(tasks: Sequence[Task], names: Sequence[str], cfg: EvalConfig, eval_dir: Path) -> None:

@@ -35,7 +35,8 @@ class Summary(NamedTuple):
     tasks: int  # tasks the metric applies to
 
 
-def _nanmean(values: np.ndarray, axis: int | None = None) -> np.ndarray | float:
+def nanmean(values: np.ndarray, axis: int | None = None) -> np.ndarray | float:
+    """np.nanmean, NaN (without a warning) where every value is NaN: a metric that does not apply."""
     with warnings.catch_warnings():  # an all-NaN slice is a metric that does not apply: NaN, quietly
         warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmean(values, axis=axis)
@@ -49,17 +50,17 @@ def summarize(per_task: Mapping[str, np.ndarray], samples: int, confidence: floa
     values = np.stack([np.asarray(per_task[n], dtype=np.float64) for n in names], axis=1)  # (T, M)
     tasks = values.shape[0]
     resamples = np.random.default_rng(seed).integers(0, tasks, size=(samples, tasks))  # (S, T)
-    means = _nanmean(values[resamples], axis=1)  # (S, M)
+    means = nanmean(values[resamples], axis=1)  # (S, M)
     overall_columns = [i for i, n in enumerate(names) if n in OVERALL_METRICS and np.isfinite(values[:, i]).any()]
     tail = (1 - confidence) / 2
     out = {}
     for i, name in enumerate(names):
         finite = np.isfinite(values[:, i])
         low, high = (np.nanquantile(means[:, i], [tail, 1 - tail]) if finite.any() else (np.nan, np.nan))
-        out[name] = Summary(float(_nanmean(values[:, i])), float(low), float(high), int(finite.sum()))
+        out[name] = Summary(float(nanmean(values[:, i])), float(low), float(high), int(finite.sum()))
     if overall_columns:
         column_means = np.array([out[names[i]].mean for i in overall_columns])
-        resampled = _nanmean(means[:, overall_columns], axis=1)  # (S,)
+        resampled = nanmean(means[:, overall_columns], axis=1)  # (S,)
         low, high = np.nanquantile(resampled, [tail, 1 - tail])
         out[OVERALL] = Summary(float(column_means.mean()), float(low), float(high), tasks)
     return out
