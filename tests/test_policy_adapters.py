@@ -42,6 +42,39 @@ def test_load_balancing_loss_is_one_when_balanced_and_larger_when_not():
     torch.testing.assert_close(load_balancing_loss(collapsed, 1), 4 * p0)
 
 
+def _load_balancing_loss_by_hand(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """N_e * sum_e f_e P_e with explicit loops: f_e = (top-k picks of e) / (tokens * top_k)."""
+    tokens, num_experts = logits.shape
+    counts = [0] * num_experts
+    for t in range(tokens):
+        for e in torch.topk(logits[t], top_k).indices.tolist():
+            counts[e] += 1
+    probabilities = torch.softmax(logits, dim=-1)
+    total = 0.0
+    for e in range(num_experts):
+        f_e = counts[e] / (tokens * top_k)
+        p_e = sum(float(probabilities[t, e]) for t in range(tokens)) / tokens
+        total += f_e * p_e
+    return torch.tensor(num_experts * total)
+
+
+@pytest.mark.parametrize("top_k", [2, 3])
+def test_load_balancing_loss_divides_the_assignment_fraction_by_top_k(top_k):
+    """Guards f_e as the fraction of the tokens' top-k *assignments* (the / top_k): checked against a
+    brute-force count on random logits, and uniform top-2 routing must give exactly 1."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 4)  # (B, S, N_e); the loss flattens the leading dims into tokens
+    expected = _load_balancing_loss_by_hand(logits.reshape(-1, 4), top_k)
+    torch.testing.assert_close(load_balancing_loss(logits, top_k), expected, rtol=1e-5, atol=1e-6)
+    if top_k == 2:
+        # 4 experts, every pair of experts chosen by one token with equal logits: f_e = P_e = 1/4
+        pairs = [(0, 1), (2, 3), (0, 2), (1, 3), (0, 3), (1, 2)]
+        uniform = torch.zeros(len(pairs), 4)
+        for t, (i, j) in enumerate(pairs):
+            uniform[t, [i, j]] = 1.0  # tie-free top-2 per token; softmax mean is uniform by symmetry
+        torch.testing.assert_close(load_balancing_loss(uniform, 2), torch.tensor(1.0), rtol=0, atol=1e-6)
+
+
 def test_moe_lora_layer_equals_the_paper_formula_with_one_expert_per_token():
     torch.manual_seed(0)
     base = torch.nn.Linear(6, 5)
@@ -85,6 +118,44 @@ def test_dual_branch_layer_leaves_prompt_tokens_alone():
     torch.testing.assert_close(out[:, :2], base(h)[:, :2], rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="no token layout"):
         layer(h)
+
+
+def test_dual_branch_layer_matches_peft_lora_at_ranks_above_one():
+    """Guards the branch scale alpha / r = alpha_ratio (alpha = alpha_ratio * r), not alpha_ratio / r:
+    at noisy rank 4 and condition rank 16 each token type must equal peft's LoRA with the same A, B
+    and lora_alpha = alpha_ratio * r, and prompt tokens must equal the base layer exactly."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    base, context = torch.nn.Linear(8, 6), ForwardContext()
+    layout = TokenLayout(text=2, noisy=3, references=(2, 2))
+    cfg = DualBranchLoRAConfig(enabled=True, noisy_rank=4, condition_rank=16, alpha_ratio=2.0)
+    layer = DualBranchLoRALinear(base, cfg, "joint", context)
+    with torch.no_grad():
+        for weight in layer.adapter_parameters().values():
+            weight.normal_()
+    h = torch.randn(2, 9, 8)
+    with context.bound(layout):
+        out = layer(h)
+
+    def peft_reference(A: torch.nn.Parameter, B: torch.nn.Parameter, rank: int) -> torch.nn.Module:
+        model = torch.nn.Sequential()
+        model.add_module("proj", torch.nn.Linear(8, 6))
+        model.proj.load_state_dict(base.state_dict())
+        lora = LoraConfig(r=rank, lora_alpha=cfg.alpha_ratio * rank, target_modules=["proj"], lora_dropout=0.0)
+        model = inject_adapter_in_model(lora, model)
+        with torch.no_grad():
+            model.proj.lora_A["default"].weight.copy_(A)
+            model.proj.lora_B["default"].weight.copy_(B)
+        return model
+
+    noisy_ref = peft_reference(layer.noisy_A, layer.noisy_B, 4)
+    condition_ref = peft_reference(layer.condition_A, layer.condition_B, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(out[:, 2:5], noisy_ref(h[:, 2:5]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[:, 5:], condition_ref(h[:, 5:]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[:, :2], base(h)[:, :2], rtol=0, atol=0)
+        assert not torch.allclose(out[:, 2:], base(h)[:, 2:])  # the branches are really on
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 
-from policies.ids import grid_ids, pack_latents, reference_ids, text_ids, unpack_latents
+from policies.ids import grid_ids, mask_tokens, pack_latents, reference_ids, text_ids, unpack_latents
 
 
 def test_packing_matches_diffusers_and_round_trips():
@@ -20,6 +20,22 @@ def test_packing_matches_diffusers_and_round_trips():
 def test_noisy_grid_ids_match_diffusers():
     expected = FluxPipeline._prepare_latent_image_ids(1, 3, 4, "cpu", torch.float32)
     assert torch.equal(grid_ids((3, 4)), expected)
+
+
+def test_mask_tokens_are_row_major_like_pack_latents_on_a_non_square_grid():
+    """Guards the token order of mask_tokens: row-major as pack_latents, not column-major. A 2 x 3 token
+    grid of 2 x 2-pixel patches, with masks covering off-diagonal patches (a transpose moves them)."""
+    masks = torch.zeros(1, 2, 4, 6)
+    masks[0, 0, 0:2, 4:6] = 1.0  # all of token (0, 2)
+    masks[0, 0, 2:4, 0:1] = 1.0  # left half of token (1, 0)
+    masks[0, 1, 2:4, 2:4] = 1.0  # all of token (1, 1)
+    masks[0, 1, 0:1, 2:4] = 1.0  # top half of token (0, 1)
+    tokens = mask_tokens(masks, (2, 3))
+    expected = torch.tensor([[[0.0, 0.0, 1.0, 0.5, 0.0, 0.0], [0.0, 0.5, 0.0, 0.0, 1.0, 0.0]]])
+    assert torch.equal(tokens, expected)
+    # a mask is a 1-channel latent: the mean of a token's 4 packed channels is its 2 x 2 patch's area
+    packed = pack_latents(masks.reshape(2, 1, 4, 6)).mean(dim=-1).reshape(1, 2, 6)
+    torch.testing.assert_close(tokens, packed, rtol=0, atol=0)
 
 
 def _ids_by_hand(t, rows, cols, row_offset, col_offset):
