@@ -13,14 +13,16 @@ import torch
 
 from policies import AttentionSwitches, FluxPolicy
 from rl_align.core.config import ConfigError, load_config
+from rl_align.core.distributed import Communicator
 from rl_align.core.optim import make_optimizer
 from rl_align.sft.builders import SYNTHETIC_CATEGORIES, build_synthetic_manifest
 from rl_align.core.flow_matching import TimestepConfig, flow_matching_pair, sample_timesteps
-from rl_align.sft.config import DiptychConfig, OptimConfig, SFTConfig
-from rl_align.sft.data import BatchStream, SFTDataConfig, bucket_size, subject_count_limit
+from rl_align.sft.config import CurriculumConfig, DiptychConfig, OptimConfig, SFTConfig
+from rl_align.sft.data import BatchStream, SFTDataConfig, bucket_size, curriculum_epochs, curriculum_schedule, epoch_steps, subject_count_limit
 from rl_align.sft.manifest import SampleRecord, load_manifest, write_manifest
 from rl_align.sft.objective import StageObjective, learning_rate_at, train_step
 from rl_align.sft.stages import STAGES, diptych_source, stage_policy
+from rl_align.sft.trainer import _RankData
 from samplers import euler_step
 from samplers.schedule import static_time_shift
 
@@ -65,16 +67,52 @@ def test_two_stage_learning_rate_and_warmup():
 
 
 def test_subject_count_curriculum_matches_eq_15():
-    # K_min 2, K_max 5, E 10, gamma 1 (the paper's setting), by hand: floor(3 e / 10)
-    assert [subject_count_limit(e, 10, 2, 5, 1.0) for e in range(11)] == [2, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5]
+    # K_min 2, K_max 5, E 10, gamma 1 (the paper's setting), e = 1..10, by hand: 2 + floor(3 e / 10)
+    assert [subject_count_limit(e, 10, 2, 5, 1.0) for e in range(1, 11)] == [2, 2, 2, 3, 3, 3, 4, 4, 4, 5]
     for gamma in (0.5, 1.0, 2.0):
-        for e in range(21):
+        for e in range(1, 21):
             expected = max(2, 2 + math.floor((e / 20) ** gamma * 3))
             assert subject_count_limit(e, 20, 2, 5, gamma) == expected
+        assert subject_count_limit(20, 20, 2, 5, gamma) == 5  # e = E: the last epoch trains K_max
     assert subject_count_limit(5, 10, 2, 5, 2.0) == 2  # a slow start for gamma > 1 (0.25 * 3 -> 0)
     assert subject_count_limit(5, 10, 2, 5, 0.5) == 4  # a fast start for gamma < 1 (0.707 * 3 -> 2)
     with pytest.raises(ValueError):
-        subject_count_limit(0, 10, 3, 2, 1.0)
+        subject_count_limit(1, 10, 3, 2, 1.0)
+
+
+def test_curriculum_schedule_reaches_k_max_in_the_last_epoch():
+    """Stream epochs count from 0: stream epoch i is the paper's e = i + 1, so of E = 10 epochs the tenth
+    trains K_max, and epochs past E stay there."""
+    limit = curriculum_schedule(10, 2, 5, 1.0)
+    assert [limit(i) for i in range(10)] == [2, 2, 2, 3, 3, 3, 4, 4, 4, 5]
+    assert [limit(i) for i in (10, 11, 50)] == [5, 5, 5]
+    slow = curriculum_schedule(4, 1, 3, 2.0)  # by hand: 1 + floor((e / 4)^2 * 2) = 1, 1, 2, 3
+    assert [slow(i) for i in range(5)] == [1, 1, 2, 3, 3]
+    assert curriculum_schedule(1, 2, 5, 1.0)(0) == 5  # one epoch: it is the last
+    with pytest.raises(ValueError):
+        curriculum_schedule(0, 2, 5, 1.0)
+
+
+def test_curriculum_epochs_is_the_fixed_point_of_the_epochs_the_limits_make():
+    """Batches per epoch by limit (fewer with a smaller limit, as merged buckets give), 30 steps; by hand:
+    one process: no limit 10 -> 3 epochs; E 3 gives K 1, 2, 3: 5 + 8 + 10 < 30 -> 4 epochs; E 4 gives K
+    1, 2, 2, 3: 5 + 8 + 8 + 10 >= 30 -> 4 epochs. Two processes halve each epoch (rounding up): no limit
+    6 epochs of 5; E 6 gives 3, 3, 4, 4, 4, 5, 5 (K_max from the sixth on) -> 8 epochs; E 8 gives K 1, 1, 1,
+    2, 2, 2, 2, 3: 3 + 3 + 3 + 4 + 4 + 4 + 4 + 5 = 30 -> 8."""
+    counts = {None: 10, 1: 5, 2: 8, 3: 10}
+    batches = lambda epoch, limit: counts[limit]  # noqa: E731
+    schedule = lambda epochs: curriculum_schedule(epochs, 1, 3, 1.0)  # noqa: E731
+    assert epoch_steps(30, 1, lambda e: 10) == [10, 10, 10] and epoch_steps(31, 1, lambda e: 10) == [10] * 4
+    assert epoch_steps(30, 2, lambda e: 9) == [5] * 6  # rank 0 takes ceil(9 / 2) batches of each epoch
+    assert curriculum_epochs(30, 1, batches, schedule) == 4
+    limit = schedule(4)
+    assert epoch_steps(30, 1, lambda e: batches(e, limit(e))) == [5, 8, 8, 10]
+    assert curriculum_epochs(30, 2, batches, schedule) == 8
+    # a batch count that breaks the monotony: E 3 makes 5 epochs and E 5 makes 3; the smaller of the cycle
+    cycle = {None: 10, 3: 6, 5: 10}
+    assert curriculum_epochs(30, 1, lambda epoch, limit: cycle[limit], lambda epochs: lambda epoch: epochs) == 3
+    with pytest.raises(ValueError, match="no batches"):
+        epoch_steps(5, 1, lambda e: 0)
 
 
 def test_diptych_curriculum_phases():
@@ -94,7 +132,7 @@ def test_default_condition_categories_are_the_synthetic_shapes():
 def test_stage_policies():
     base = SFTConfig().policy
     diptych = stage_policy(base, "diptych")
-    assert not diptych.lora.enabled and diptych.dual_branch.enabled and diptych.moe_lora == base.moe_lora
+    assert not diptych.lora.enabled and not diptych.moe_lora.enabled and diptych.dual_branch.enabled  # MUSAR: nothing adapts prompt tokens
     assert diptych.attention.static_routing and not diptych.attention.temperature
     position = stage_policy(base, "position_id")
     assert position.position_scheme == "condition_id" and position.attention.temperature and not position.attention.static_routing
@@ -209,6 +247,68 @@ def test_curriculum_keeps_a_subset_of_at_most_k_subjects_in_order(synthetic):
     first = stream.plan(0)[0][0]
     kept = samples[first.sample].subjects[first.subjects[0]]
     assert batch.captions[0] == (kept.caption,)
+
+
+def _curriculum_stream(synthetic, steps: int, rank: int = 0, world: int = 1) -> BatchStream:
+    """Process ``rank`` of ``world``'s stream as the trainer builds it, with the curriculum K 1 -> 3."""
+    path, samples = synthetic
+    cfg = SFTConfig(data=DATA, steps=steps, curriculum=CurriculumConfig(enabled=True, min_subjects=1, max_subjects=3, gamma=1.0))
+    data = _RankData(cfg, path, path.parent, Communicator(rank, world, torch.device("cpu")))
+    return data.stream(samples, path.parent, curriculum=True)
+
+
+def _span(stream: BatchStream) -> int:
+    """E of a stream's curriculum: the first epoch at K_max (3) is e = E."""
+    return next(i for i in range(1000) if stream.subject_limit(i) == 3) + 1
+
+
+def test_subject_curriculum_trains_k_max_in_the_last_epoch_of_the_run(synthetic):
+    """40 steps over the 48 samples (1-3 subjects, 12-14 batches of 4 an epoch) touch 4 epochs; the
+    curriculum spans them all and the last trains K_max: its batches hold 3-subject samples, which
+    no earlier epoch does, and the first keeps one subject."""
+    stream = _curriculum_stream(synthetic, steps=40)
+    assert _span(stream) == 4
+    assert [stream.subject_limit(i) for i in range(6)] == [1, 2, 2, 3, 3, 3]
+    seen: dict[int, set[int]] = {}
+    for _ in range(40):
+        batch = stream.next()
+        seen.setdefault(stream.epoch, set()).add(len(batch.references))
+    assert sorted(seen) == [0, 1, 2, 3]  # the run traverses E epochs
+    assert seen[0] == {1} and 3 in seen[3] and all(3 not in seen[e] for e in (0, 1, 2))
+    assert stream.subject_limit(stream.epoch) == 3
+    path, samples = synthetic
+    off = _RankData(SFTConfig(data=DATA, steps=40), path, path.parent, Communicator(0, 1, torch.device("cpu")))
+    assert off.stream(samples, path.parent, curriculum=True).subject_limit is None  # curriculum.enabled false
+
+
+def test_subject_curriculum_spans_the_epochs_of_a_data_parallel_run(synthetic):
+    """Under 2 processes each step takes 2 of an epoch's batches: the same 40 steps traverse about twice
+    the epochs (6: epochs of 6-7 steps), and E is that count: rank 0 ends the run in epoch E, at K_max."""
+    steps = 40
+    spans = {}
+    for world in (1, 2):
+        stream = _curriculum_stream(synthetic, steps, rank=0, world=world)
+        spans[world] = _span(stream)
+        limits = []
+        for _ in range(steps):
+            stream.next()
+            limits.append(stream.subject_limit(stream.epoch))
+        assert stream.epoch + 1 == spans[world]  # the run's last epoch is the curriculum's last
+        assert limits[-1] == 3 and limits.count(3) < steps / 2  # reached at the end, not early
+    assert spans == {1: 4, 2: 6}
+    assert 2 * spans[1] - 2 <= spans[2] <= 2 * spans[1]
+
+
+def test_every_rank_finds_the_same_subject_curriculum(synthetic):
+    """Under 3 processes the ranks' shares of an epoch differ (13 batches: 5, 4, 4), yet each rank
+    counts E with rank 0's share, so all follow one curriculum."""
+    steps = 40
+    streams = [_curriculum_stream(synthetic, steps, rank=rank, world=3) for rank in range(3)]
+    shares = {tuple(len(s.plan(e)[s.rank :: 3]) for s in streams) for e in range(8)}
+    assert any(len(set(share)) > 1 for share in shares)  # the shares really differ
+    limits = [[s.subject_limit(e) for e in range(20)] for s in streams]
+    assert limits[0] == limits[1] == limits[2]
+    assert _span(streams[0]) == 9  # rank 0: 40 steps of 4-5 batches
 
 
 # ---- stages on the tiny policy ----------------------------------------------------------------------------

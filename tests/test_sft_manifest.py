@@ -112,3 +112,39 @@ def test_validate_command_passes_a_good_manifest(manifest, capsys):
     good.write_text(manifest.read_text().splitlines()[0] + "\n")
     assert sft_script.main(["validate", str(good), "--categories", "dog,cat"]) == 0
     assert "1 good sample(s), 0 bad line(s)" in capsys.readouterr().err
+
+
+def test_idar_refuses_a_face_subject_without_reference_mask(tmp_path):
+    """MultiCrafter's human reference is the face crop: stage idar names the line of a "face" subject that
+    has no reference_mask to crop with (it used to be used whole, silently); other stages and other
+    categories pass, and a face with its reference_mask passes."""
+    import dataclasses
+
+    from policies import FluxPolicy
+    from rl_align.sft.config import SFTConfig
+    from rl_align.sft.data import SFTDataConfig
+    from rl_align.sft.objective import StageObjective
+
+    target, reference = _image(tmp_path / "target.png", (32, 32)), _image(tmp_path / "ref.png", (16, 16))
+    mask = _image(tmp_path / "mask.png", (32, 32), (0, 0, 16, 16))
+    reference_mask = _image(tmp_path / "ref-mask.png", (16, 16), (4, 4, 12, 12))
+
+    def subject(category: str, with_reference_mask: bool) -> dict:
+        entry = {"reference": reference, "category": category, "caption": category, "mask": mask}
+        return entry | ({"reference_mask": reference_mask} if with_reference_mask else {})
+
+    lines = [
+        {"target": target, "prompt": "a dog", "subjects": [subject("dog", False)]},
+        {"target": target, "prompt": "a face and a dog", "subjects": [subject("dog", False), subject("face", False)]},
+        {"target": target, "prompt": "a face", "subjects": [subject("face", True)]},
+    ]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    samples = load_manifest(tmp_path / "m.jsonl")
+    data = SFTDataConfig(categories=(), target_size=32, reference_size=16, crop_reference_categories=("face",))
+    base = SFTConfig(data=data)
+    policy = FluxPolicy.from_config(base.policy)
+    [problem] = StageObjective(policy, dataclasses.replace(base, stage="idar")).check_samples(samples)
+    assert problem.line == 2 and "subject 1 ('face') has no reference_mask" in problem.reason
+    assert StageObjective(policy, dataclasses.replace(base, stage="single")).check_samples(samples) == []
+    no_crop = dataclasses.replace(base, stage="idar", data=dataclasses.replace(data, crop_reference_categories=()))
+    assert StageObjective(policy, no_crop).check_samples(samples) == []

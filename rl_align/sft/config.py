@@ -73,9 +73,12 @@ class RoutingConfig:
 
 @dataclass(frozen=True)
 class CurriculumConfig:
-    """MS-CustomNet's curriculum on subject quantity (Eq. 15-16): in epoch e a sample keeps a random
-    subset of at most K(e) of its subjects. E is the number of passes over the manifest that ``steps``
-    batches make."""
+    """MS-CustomNet's curriculum on subject quantity (Eq. 15-16): in epoch e = 1..E a sample keeps a
+    random subset of at most K(e) of its subjects; the last epoch trains max_subjects. E is the number of
+    epochs that ``steps`` steps really traverse: under torchrun each step takes one batch per process,
+    and an epoch is its (subject count, target size) buckets cut into batches of batch_size (so more than
+    samples / batch_size batches), the subject counts being those the curriculum leaves
+    (``rl_align.sft.data.curriculum_epochs``). Epochs past E, if any, stay at max_subjects."""
 
     enabled: bool = False
     min_subjects: int = 2  # K_min (paper: 2)

@@ -96,10 +96,65 @@ def bucket_size(width: int, height: int, target_size: int, multiple: int) -> tup
 
 def subject_count_limit(epoch: int, epochs: int, k_min: int, k_max: int, gamma: float) -> int:
     """MS-CustomNet's curriculum on subject quantity (Eq. 15):
-    K(e) = max(K_min, K_min + floor((e / E)^gamma (K_max - K_min)))."""
+    K(e) = max(K_min, K_min + floor((e / E)^gamma (K_max - K_min))).
+
+    ``epoch`` is the paper's e, 1-based: e = 1..E, so the last epoch (e = E) trains K_max. With E = 10,
+    K 2 -> 5 and gamma 1 the ten epochs get [2, 2, 2, 3, 3, 3, 4, 4, 4, 5]. The formula as it stands:
+    callers cap e at E (``curriculum_schedule``)."""
     if epochs < 1 or not 1 <= k_min <= k_max or gamma <= 0:
         raise ValueError(f"need epochs >= 1, 1 <= k_min <= k_max and gamma > 0, got {epochs}, {k_min}, {k_max}, {gamma}")
     return max(k_min, k_min + math.floor((epoch / epochs) ** gamma * (k_max - k_min)))
+
+
+def curriculum_schedule(epochs: int, k_min: int, k_max: int, gamma: float) -> Callable[[int], int]:
+    """The subject limit of each stream epoch (0-based, as ``BatchStream.epoch``) for a curriculum over
+    ``epochs`` epochs: stream epoch i is the paper's e = i + 1; epochs past E stay at K_max."""
+    subject_count_limit(1, epochs, k_min, k_max, gamma)  # refuses bad settings now, not at the first epoch
+    return lambda epoch: subject_count_limit(min(epoch + 1, epochs), epochs, k_min, k_max, gamma)
+
+
+def epoch_steps(steps: int, world: int, batches: Callable[[int], int]) -> list[int]:
+    """The steps each epoch lasts, for the epochs that ``steps`` steps touch, when epoch e (0-based) has
+    ``batches(e)`` batches shared by ``world`` processes: each takes every world-th batch (``BatchStream``),
+    so rank 0, whose share is the largest, takes ceil(batches(e) / world) steps. The last epoch may be
+    left unfinished."""
+    lengths: list[int] = []
+    while sum(lengths) < steps:
+        count = batches(len(lengths))
+        if count < 1:
+            raise ValueError(f"epoch {len(lengths)} has no batches")
+        lengths.append(math.ceil(count / world))
+    return lengths
+
+
+def curriculum_epochs(
+    steps: int,
+    world: int,
+    batches: Callable[[int, int | None], int],
+    schedule: Callable[[int], Callable[[int], int]],
+    max_rounds: int = 32,
+) -> int:
+    """E of the subject curriculum: the number of epochs that ``steps`` steps of rank 0 traverse under
+    ``world`` processes, when epoch e has ``batches(e, limit)`` batches with at most ``limit`` subjects per
+    sample (None: no limit) and the limits are ``schedule(E)`` (stream epoch -> K).
+
+    The limits change the buckets and so the epochs' lengths, so E is a fixed point: start from the
+    epochs without a limit, take the limits of that E, count the epochs they make, repeat until E does
+    not change. A smaller limit merges buckets, so an epoch has no more batches (as BatchStream plans
+    them); a larger E lowers every epoch's limit, so its run traverses at least as many epochs: from
+    the run without a limit the rounds only grow E, and they stop. Should ``batches`` break that (no
+    fixed point within ``max_rounds``, or a cycle), the answer is the largest E tried whose run traverses
+    at least E epochs (the smallest E of a cycle): its last epochs train K_max."""
+    traversed: dict[int, int] = {}  # E tried -> epochs its limits make
+    epochs = len(epoch_steps(steps, world, lambda epoch: batches(epoch, None)))
+    while epochs not in traversed and len(traversed) < max_rounds:
+        limit = schedule(epochs)
+        traversed[epochs] = len(epoch_steps(steps, world, lambda epoch: batches(epoch, limit(epoch))))  # noqa: B023
+        if traversed[epochs] == epochs:
+            return epochs
+        epochs = traversed[epochs]
+    reaching = [tried for tried, made in traversed.items() if made >= tried]
+    return max(reaching) if reaching else min(traversed)
 
 
 class BatchStream:
@@ -127,6 +182,14 @@ class BatchStream:
         self.epoch, self.position = 0, 0
         self._plan = self._rank_plan(0)
 
+    def set_subject_limit(self, subject_limit: Callable[[int], int] | None) -> None:
+        """Set the curriculum (``subject_limit``) of a stream that has not yet given a batch; the trainer
+        sizes it from the stream's own plans (``curriculum_epochs``)."""
+        if self.state() != {"epoch": 0, "position": 0}:
+            raise RuntimeError("the subject limit of a batch stream is set before its first batch")
+        self.subject_limit = subject_limit
+        self._plan = self._rank_plan(0)
+
     def _rank_plan(self, epoch: int) -> list[list[PlannedSample]]:
         plan = self.plan(epoch)
         if len(plan) < self.world:
@@ -137,11 +200,14 @@ class BatchStream:
         return plan[self.rank :: self.world]
 
     def plan(self, epoch: int) -> list[list[PlannedSample]]:
-        """The batches of one epoch: samples grouped by (subject count, target size), each bucket
-        shuffled and cut into batches of batch_size (a bucket's last batch may be smaller; no sample is
-        dropped), then the batches shuffled."""
+        """The batches of one epoch (all processes'), under the stream's subject limit."""
+        return self.plan_with_limit(epoch, self.subject_limit(epoch) if self.subject_limit else None)
+
+    def plan_with_limit(self, epoch: int, limit: int | None) -> list[list[PlannedSample]]:
+        """The batches of one epoch when a sample keeps at most ``limit`` subjects (None: all): samples
+        grouped by (subject count, target size), each bucket shuffled and cut into batches of batch_size
+        (a bucket's last batch may be smaller; no sample is dropped), then the batches shuffled."""
         rng = np.random.default_rng(key_seed("sft-epoch", self.seed, epoch))
-        limit = self.subject_limit(epoch) if self.subject_limit else None
         buckets: dict[tuple[int, int, int], list[PlannedSample]] = {}
         for index in rng.permutation(len(self.samples)):
             count = len(self.samples[index].subjects)

@@ -75,7 +75,7 @@ class StageObjective:
         """The samples the stage cannot use (``StageRecipe.check_sample``), with their manifest lines."""
         problems = []
         for sample in samples:
-            reasons = self.stage.check_sample(self.policy, sample)
+            reasons = self.stage.check_sample(self.policy, sample, self.cfg.data)
             if reasons:
                 problems.append(ManifestProblem(sample.line, "; ".join(reasons)))
         return problems
@@ -94,7 +94,7 @@ class StageObjective:
 
     def conditioning(self, batch: SFTBatch) -> Conditioning:
         """One conditioning for a batch whose samples share phrase spans and condition ids."""
-        prompts = self.policy.encode_prompts(batch.prompts)
+        prompts = self.policy.encode_prompts(batch.prompts, condition_captions=batch.captions)
         spans = None
         if self.stage.phrase_spans != "none":
             spans = [self.policy.item_spans(p, c) for p, c in zip(batch.prompts, batch.captions)]

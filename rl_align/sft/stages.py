@@ -5,7 +5,7 @@ so the objective and the trainer hold no per-stage branches.
 | --- | --- | --- | --- | --- | --- |
 | single | as configured | none | none | none | the manifest |
 | idar | as configured | map capture in double blocks | none | lambda Dice(maps, masks), 0.3 (MultiCrafter Eq. 4-6) | the manifest |
-| diptych | dual-branch LoRA for plain LoRA, MUSAR static routing | none | none | none | single -> 80/20 -> same-category diptychs |
+| diptych | dual-branch LoRA for plain LoRA and MoE-LoRA, MUSAR static routing | none | none | none | single -> 80/20 -> same-category diptychs |
 | position_id | condition-id positions, temperature MLP (Dynamic Attention Modulation) | none | shared by a conditioning group | none | the manifest |
 | routing | as configured | prompt routing-map capture | per sample | lambda mean ||M - M_gt||^2, 0.1 (AnyStory Eq. 4) | the manifest |
 
@@ -27,7 +27,7 @@ import torch
 
 from policies import AttentionSwitches, FluxPolicy, PolicyConfig, dice_loss, routing_loss
 from rl_align.sft.builders.diptych import build_diptych_manifest
-from rl_align.sft.data import BatchStream
+from rl_align.sft.data import BatchStream, SFTDataConfig
 from rl_align.sft.manifest import SampleRecord
 from samplers.noise import key_seed
 
@@ -45,11 +45,10 @@ class StageData(Protocol):
     manifest: Path  # the checked manifest the samples come from
     run_dir: Path
 
-    def stream(self, samples: Sequence[SampleRecord], root: Path, subject_limit: Callable[[int], int] | None = None) -> BatchStream:
-        """This process's share of the batches of ``samples`` (paths relative to ``root``)."""
-
-    def curriculum(self, samples: int) -> Callable[[int], int] | None:
-        """The subject-count limit per epoch (MS-CustomNet), or None when the curriculum is off."""
+    def stream(self, samples: Sequence[SampleRecord], root: Path, curriculum: bool = False) -> BatchStream:
+        """This process's share of the batches of ``samples`` (paths relative to ``root``). ``curriculum``:
+        the stream gives every step's batch, so it carries MS-CustomNet's subject-count curriculum when
+        ``cfg.curriculum`` enables it (E: the epochs the run's steps traverse)."""
 
     def built(self, manifest: Path, build: Callable[[], object]) -> list[SampleRecord]:
         """The checked samples of ``manifest``, written by ``build`` first (once) when it does not exist."""
@@ -77,7 +76,7 @@ class StageRecipe:
     def check_config(self, cfg: SFTConfig) -> None:
         """Raise ValueError when ``cfg`` asks for something this stage cannot do."""
 
-    def check_sample(self, policy: FluxPolicy, sample: SampleRecord) -> list[str]:
+    def check_sample(self, policy: FluxPolicy, sample: SampleRecord, data: SFTDataConfig) -> list[str]:
         """What the stage needs beyond a valid manifest line: captions inside their prompts (phrase
         stages) and categories with a condition id."""
         reasons = []
@@ -106,13 +105,26 @@ class StageRecipe:
 
     def streams(self, samples: Sequence[SampleRecord], data: StageData) -> dict[str, BatchStream]:
         """The stage's batch streams by name (``sources``)."""
-        return {"main": data.stream(samples, data.manifest.parent, data.curriculum(len(samples)))}
+        return {"main": data.stream(samples, data.manifest.parent, curriculum=True)}
 
 
 class IdarStage(StageRecipe):
     name = "idar"
     switches = AttentionSwitches(capture=True)
     loss_term = "attention"
+
+    def check_sample(self, policy: FluxPolicy, sample: SampleRecord, data: SFTDataConfig) -> list[str]:
+        """Also: a subject of a crop category (MultiCrafter: a human's reference is the face crop, and its
+        mask the face in the target) needs the reference_mask to crop with; used whole, its reference
+        would not match the region its attention map is regularized towards."""
+        reasons = super().check_sample(policy, sample, data)
+        for index, subject in enumerate(sample.subjects):
+            if subject.category in data.crop_reference_categories and subject.reference_mask is None:
+                reasons.append(
+                    f"subject {index} ({subject.category!r}) has no reference_mask: stage idar crops references of the categories "
+                    f"{list(data.crop_reference_categories)} (data.crop_reference_categories) to it"
+                )
+        return reasons
 
     def regularizer(self, out: PolicyOutput, masks: torch.Tensor) -> torch.Tensor:
         return dice_loss(out.attention_maps, masks)
@@ -122,8 +134,9 @@ class IdarStage(StageRecipe):
 
 
 class DiptychStage(StageRecipe):
-    """MUSAR: dual-branch LoRA in place of plain LoRA, static routing (in the policy's attention mode), and the diptych curriculum over
-    three streams (single-subject samples, random-pair and same-category diptychs built at start)."""
+    """MUSAR: dual-branch LoRA in place of plain LoRA and MoE-LoRA (no adapter touches prompt tokens), static
+    routing (in the policy's attention mode), and the diptych curriculum over three streams (single-subject
+    samples, random-pair and same-category diptychs built at start)."""
 
     name = "diptych"
     sources = ("single", "random", "same_category")
@@ -133,6 +146,7 @@ class DiptychStage(StageRecipe):
         return dataclasses.replace(
             policy,
             lora=dataclasses.replace(policy.lora, enabled=False),
+            moe_lora=dataclasses.replace(policy.moe_lora, enabled=False),  # ff_context.net.2 would adapt prompt tokens
             dual_branch=dataclasses.replace(policy.dual_branch, enabled=True),
             attention=dataclasses.replace(policy.attention, static_routing=True),
         )

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +31,8 @@ from rl_align.core.optim import make_optimizer
 from rl_align.core.runs import RunResult, create_run_dir, setup_logging
 from rl_align.core.tracking import MetricsLog, due, plot_curves, read_metrics, save_image_grid
 from rl_align.sft.builders.synthetic import SYNTHETIC_CATEGORIES, build_synthetic_manifest
-from rl_align.sft.config import SFTConfig
-from rl_align.sft.data import BatchStream, SFTBatch, subject_count_limit
+from rl_align.sft.config import CurriculumConfig, SFTConfig
+from rl_align.sft.data import BatchStream, SFTBatch, curriculum_epochs, curriculum_schedule, epoch_steps
 from rl_align.sft.manifest import SampleRecord, load_manifest
 from rl_align.sft.objective import StageObjective, StepStats, learning_rate_at, train_step
 from rl_align.sft.stages import stage_recipe
@@ -65,17 +64,11 @@ class _RankData:
     run_dir: Path
     comm: Communicator
 
-    def stream(self, samples: Sequence[SampleRecord], root: Path, subject_limit: Callable[[int], int] | None = None) -> BatchStream:
-        return BatchStream(samples, root, self.cfg.data, self.cfg.run.seed, subject_limit, self.comm.rank, self.comm.world)
-
-    def curriculum(self, samples: int) -> Callable[[int], int] | None:
-        c = self.cfg.curriculum
-        if not c.enabled:
-            return None
-        epochs = max(1, math.ceil(self.cfg.steps * self.cfg.data.batch_size / samples))
-        limit = lambda epoch: subject_count_limit(min(epoch, epochs), epochs, c.min_subjects, c.max_subjects, c.gamma)  # noqa: E731
-        log.info("subject curriculum over %d epochs: K = %s", epochs, [limit(e) for e in range(epochs + 1)])
-        return limit
+    def stream(self, samples: Sequence[SampleRecord], root: Path, curriculum: bool = False) -> BatchStream:
+        stream = BatchStream(samples, root, self.cfg.data, self.cfg.run.seed, rank=self.comm.rank, world=self.comm.world)
+        if curriculum and self.cfg.curriculum.enabled:
+            stream.set_subject_limit(subject_curriculum(stream, self.cfg.steps, self.cfg.curriculum))
+        return stream
 
     def built(self, manifest: Path, build: Callable[[], object]) -> list[SampleRecord]:
         error = None
@@ -100,6 +93,30 @@ class _RankData:
         if isinstance(loaded, str):
             raise ManifestError(loaded)
         return loaded
+
+
+def subject_curriculum(stream: BatchStream, steps: int, c: CurriculumConfig) -> Callable[[int], int]:
+    """MS-CustomNet's subject limit per stream epoch (Eq. 15) for a stream that gives every one of the
+    ``steps`` steps its batch. E is the number of epochs those steps traverse when each of the stream's
+    ``world`` processes takes its share of every epoch (``curriculum_epochs`` over the stream's own plans,
+    counted with rank 0's share, the largest, so every rank finds the same E); the last of them trains
+    K_max."""
+    schedule = lambda epochs: curriculum_schedule(epochs, c.min_subjects, c.max_subjects, c.gamma)  # noqa: E731
+    counts: dict[int | None, int] = {}
+
+    def batches(epoch: int, limit: int | None) -> int:
+        # An epoch's batch count depends on its limit alone: the shuffle decides which samples share a
+        # batch and which subjects they keep, not how many samples fall into each bucket.
+        if limit not in counts:
+            counts[limit] = len(stream.plan_with_limit(epoch, limit))
+        return counts[limit]
+
+    epochs = curriculum_epochs(steps, stream.world, batches, schedule)
+    limit = schedule(epochs)
+    lengths = epoch_steps(steps, stream.world, lambda epoch: batches(epoch, limit(epoch)))
+    shown = str(lengths[0]) if len(set(lengths)) == 1 else f"{min(lengths)}-{max(lengths)}"
+    log.info("subject curriculum over %d epochs of %s steps each: K = %s", epochs, shown, [limit(e) for e in range(len(lengths))])
+    return limit
 
 
 # ---- phases ---------------------------------------------------------------------------------------------
