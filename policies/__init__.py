@@ -16,6 +16,7 @@ from policies.attention import TokenLayout
 from policies.components import FluxComponents, build_tiny_components, load_local_components, save_components
 from policies.config import (
     AttentionConfig,
+    ConditionPromptConfig,
     DualBranchLoRAConfig,
     LoRAConfig,
     MoELoRAConfig,
@@ -36,6 +37,7 @@ from policies.policy import (
 __all__ = [
     "AttentionConfig",
     "AttentionSwitches",
+    "ConditionPromptConfig",
     "Conditioning",
     "DualBranchLoRAConfig",
     "FluxComponents",

@@ -5,6 +5,8 @@ FluxAttnProcessor computes.
 
 The joint attention sequence is [text (T), noisy (N), reference_1 (n_1), ..., reference_R (n_R)] in both
 block types (double blocks concatenate [text, image] before attending; single blocks carry it whole).
+With MUSAR's per-condition prompts the text part is [prompt, caption_1, ..., caption_R]: reference i's
+caption tokens CT^i ride in the text stream and belong to condition i (its CI^i) in the routing masks.
 """
 
 from __future__ import annotations
@@ -23,13 +25,19 @@ from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 class TokenLayout(NamedTuple):
     """Where each part sits in the joint sequence; shared by every sample of a batch."""
 
-    text: int
+    text: int  # the text stream: the prompt, then any condition captions
     noisy: int
     references: tuple[int, ...]  # token count of each reference, in sequence order
+    captions: tuple[int, ...] = ()  # token count of each reference's caption (MUSAR CT^i), at the end of the text
 
     @property
     def total(self) -> int:
         return self.text + self.noisy + sum(self.references)
+
+    @property
+    def prompt(self) -> int:
+        """Tokens of the target prompt T (the text before the condition captions)."""
+        return self.text - sum(self.captions)
 
     def reference_slices(self) -> list[slice]:
         """Slices of each reference in the joint sequence."""
@@ -46,9 +54,10 @@ class TokenLayout(NamedTuple):
 def static_routing_mask(layout: TokenLayout) -> torch.Tensor:
     """MUSAR static attention routing (Sec. 3.2) as a boolean "may attend" mask (L, L), query rows x key
     columns: prompt <-> condition blocked both ways (prompt-condition decoupling); condition i <-> j
-    blocked for i != j (inter-condition isolation). Everything else (noisy <-> all, text <-> text,
-    condition i <-> itself) is allowed."""
-    segment = _segment_index(layout)  # (L,): 0 text, 1 noisy, 2 + i reference i
+    blocked for i != j (inter-condition isolation). Everything else (noisy <-> all, prompt <-> prompt,
+    condition i <-> itself) is allowed. Condition i is its reference tokens and, with per-condition
+    prompts, its caption tokens."""
+    segment = _segment_index(layout)  # (L,): 0 prompt, 1 noisy, 2 + i condition i
     query, key = segment[:, None], segment[None, :]
     prompt_condition = ((query == 0) & (key >= 2)) | ((query >= 2) & (key == 0))
     cross_condition = (query >= 2) & (key >= 2) & (query != key)
@@ -56,8 +65,14 @@ def static_routing_mask(layout: TokenLayout) -> torch.Tensor:
 
 
 def _segment_index(layout: TokenLayout) -> torch.Tensor:
-    sizes = [layout.text, layout.noisy, *layout.references]
-    return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    """(L,) segment of each token: 0 the target prompt, 1 noisy, 2 + i condition i (reference i's tokens and
+    its caption tokens)."""
+    conditions = len(layout.references)
+    if layout.captions and len(layout.captions) != conditions:
+        raise ValueError(f"the layout has {len(layout.captions)} condition captions for {conditions} references")
+    labels = [0, *(2 + i for i in range(len(layout.captions))), 1, *(2 + i for i in range(conditions))]
+    sizes = [layout.prompt, *layout.captions, layout.noisy, *layout.references]
+    return torch.repeat_interleave(torch.tensor(labels), torch.tensor(sizes))
 
 
 def prompt_similarity(noisy_query: torch.Tensor, text_key: torch.Tensor) -> torch.Tensor:
@@ -95,8 +110,8 @@ def prompt_routing_maps(
 
 
 def dynamic_routing_mask(assignment: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """MUSAR Eq. 4: noisy token x may attend the tokens of condition k only if k == assignment[x]
-    (argmax_k S*_{x,k}); all other rows and columns are untouched.
+    """MUSAR Eq. 4: noisy token x may attend the tokens of condition k (its reference and any caption
+    tokens) only if k == assignment[x] (argmax_k S*_{x,k}); all other rows and columns are untouched.
     assignment (B, N) long -> "may attend" mask (B, L, L) bool."""
     b = assignment.shape[0]
     segment = _segment_index(layout).to(assignment.device)  # (L,)
@@ -212,6 +227,13 @@ class TemperatureMLP(torch.nn.Module):
         return temperature[..., None]
 
 
+def _noisy_queries_and_prompt_keys(query: torch.Tensor, key: torch.Tensor, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """What MUSAR Eq. 2 compares: the noisy tokens' queries and the target prompt's keys (never the
+    condition captions). query, key (B, L, H, d) -> (B, H, N, d), (B, H, T_prompt, d)."""
+    noisy = query[:, layout.text : layout.text + layout.noisy].transpose(1, 2)
+    return noisy, key[:, : layout.prompt].transpose(1, 2)
+
+
 # ---- per-call control ----------------------------------------------------------------------------------
 
 
@@ -320,11 +342,8 @@ class PolicyAttnProcessor(torch.nn.Module):
                 # the maps use the queries the block attends with (after any temperature, post-RoPE)
                 control.captured.append(self._capture(control, query, key))
             if control.capture_routing and self.double_block:
-                layout = control.layout
-                noisy_query = query[:, layout.text : layout.text + layout.noisy].transpose(1, 2)
-                text_key = key[:, : layout.text].transpose(1, 2)
                 spans = control.sample_routing_spans(query.shape[0])
-                control.routing_maps.append(prompt_routing_maps(noisy_query, text_key, spans))
+                control.routing_maps.append(prompt_routing_maps(*_noisy_queries_and_prompt_keys(query, key, control.layout), spans))
 
         hidden_states = dispatch_attention_fn(
             query, key, value, attn_mask=attention_mask, backend=self._attention_backend, parallel_config=self._parallel_config
@@ -350,11 +369,8 @@ class PolicyAttnProcessor(torch.nn.Module):
         if control.static_routing:
             masks.append(control.static_mask(query.device)[None])
         if control.dynamic_routing:
-            noisy = slice(layout.text, layout.text + layout.noisy)
             with torch.no_grad():  # the assignment is a hard argmax (Eq. 4): nothing to differentiate
-                affinity = condition_affinity(
-                    query[:, noisy].transpose(1, 2), key[:, : layout.text].transpose(1, 2), control.prompt_spans
-                )
+                affinity = condition_affinity(*_noisy_queries_and_prompt_keys(query, key, layout), control.prompt_spans)
             assignment = affinity.argmax(dim=-1)  # (B, N)
             control.routing_assignments.append(assignment)
             masks.append(dynamic_routing_mask(assignment, layout))

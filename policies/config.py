@@ -82,6 +82,23 @@ class DualBranchLoRAConfig:
 
 
 @dataclass(frozen=True)
+class ConditionPromptConfig:
+    """MUSAR's per-condition prompt tokens (Sec. 3.2.1): the input is [CI^1; CT^1; ...; CI^c; CT^c; T; X],
+    each condition image CI^i with its own caption tokens CT^i. When enabled, each reference's caption is
+    T5-encoded on its own, padded or cut to ``tokens`` (m'), and appended after the target prompt T in the
+    text stream (FLUX's frozen prompt weights, no adapter). The routing masks treat CI^i and CT^i as one
+    condition: static routing keeps them from the target prompt and from other conditions, dynamic
+    routing hides both from the noisy tokens routed elsewhere."""
+
+    enabled: bool = False
+    tokens: int = 32  # m', T5 tokens per caption (MUSAR gives no value)
+
+    def __post_init__(self) -> None:
+        if self.tokens < 1:
+            raise ValueError(f"condition_prompts.tokens must be >= 1, got {self.tokens}")
+
+
+@dataclass(frozen=True)
 class AttentionConfig:
     """The attention mode of the policy: what the processor installs and which features every model call
     runs with (warm-start training, RL rollouts and updates, evaluation and generation alike), so the model
@@ -114,6 +131,7 @@ class PolicyConfig:
     moe_lora: MoELoRAConfig = field(default_factory=MoELoRAConfig)
     dual_branch: DualBranchLoRAConfig = field(default_factory=DualBranchLoRAConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
+    condition_prompts: ConditionPromptConfig = field(default_factory=ConditionPromptConfig)
     dtype: Literal["float32", "bfloat16"] = "float32"  # base weights; adapters always train in fp32
     guidance_scale: float = 3.5  # used only by guidance-distilled models (FLUX.1-dev)
     adapter_seed: int = 0

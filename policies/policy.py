@@ -29,7 +29,7 @@ from policies.adapters import (
 )
 from policies.attention import AttentionControl, CaptureMethod, PolicyAttnProcessor, TemperatureMLP, TokenLayout, normalize_maps
 from policies.components import FluxComponents, build_tiny_components, load_local_components
-from policies.config import PolicyConfig
+from policies.config import ConditionPromptConfig, PolicyConfig
 from policies.ids import GridSize, grid_ids, pack_latents, reference_ids, text_ids, unpack_latents
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -40,9 +40,10 @@ ADAPTER_FORMAT = "rl-align-policy-adapters/1"
 
 
 class PromptEmbeds(NamedTuple):
-    prompt_embeds: torch.Tensor  # (B, T, D) T5 token embeddings
-    pooled_prompt_embeds: torch.Tensor  # (B, P) CLIP pooled embedding
+    prompt_embeds: torch.Tensor  # (B, T + sum m'_i, D) T5 token embeddings: the prompt, then any condition captions
+    pooled_prompt_embeds: torch.Tensor  # (B, P) CLIP pooled embedding of the prompt
     item_spans: tuple[tuple[int, int], ...] | None  # [start, end) T5-token span of each reference's phrase
+    caption_tokens: tuple[int, ...] = ()  # m'_i of each reference's caption tokens (per-condition prompts)
 
 
 class Conditioning(NamedTuple):
@@ -50,7 +51,7 @@ class Conditioning(NamedTuple):
     The batch is 1 (broadcast to any batch of latents) or the latents' batch; every sample shares the
     token layout and ids."""
 
-    prompt_embeds: torch.Tensor  # (B, T, D)
+    prompt_embeds: torch.Tensor  # (B, T, D): the text stream, the prompt then any condition captions (layout.text)
     pooled_prompt_embeds: torch.Tensor  # (B, P)
     reference_tokens: torch.Tensor  # (B, sum n_i, 4C) packed reference latents, in reference order
     txt_ids: torch.Tensor  # (T, 3)
@@ -176,22 +177,52 @@ class FluxPolicy(torch.nn.Module):
         return ((self.codec.decode_latents(latents).float() + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str], item_phrases: Sequence[str] | None = None) -> PromptEmbeds:
+    def encode_prompts(
+        self,
+        prompts: Sequence[str],
+        item_phrases: Sequence[str] | None = None,
+        condition_captions: Sequence[Sequence[str]] | None = None,
+    ) -> PromptEmbeds:
         """T5 token embeddings and the CLIP pooled embedding (as FluxPipeline.encode_prompt). With
         ``item_phrases`` (one per reference, each a substring of every prompt), also the T5-token span of
-        each phrase, which must be the same for every prompt of the batch."""
+        each phrase, which must be the same for every prompt of the batch. ``condition_captions`` (per
+        prompt, each reference's caption) are used when the policy has per-condition prompts
+        (``cfg.condition_prompts``): each caption's own T5 tokens are appended after its prompt's."""
         prompts = list(prompts)
         clip = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt")
         pooled = self.text_encoder(clip.input_ids.to(self.device)).pooler_output
-        t5 = self.tokenizer_2(prompts, padding="max_length", max_length=self.t5_max_length, truncation=True, return_tensors="pt")
-        embeds = self.text_encoder_2(t5.input_ids.to(self.device)).last_hidden_state
+        embeds = self._t5_embeddings(prompts, self.t5_max_length)
         spans = None
         if item_phrases is not None:
             per_prompt = [self.item_spans(p, item_phrases) for p in prompts]
             if any(s != per_prompt[0] for s in per_prompt):
                 raise ValueError(f"item phrases fall on different prompt tokens across the batch: {per_prompt}")
             spans = per_prompt[0]
-        return PromptEmbeds(embeds.float(), pooled.float(), spans)
+        caption_tokens: tuple[int, ...] = ()
+        if self.cfg.condition_prompts.enabled:
+            embeds, caption_tokens = self._append_condition_captions(embeds, prompts, condition_captions)
+        return PromptEmbeds(embeds.float(), pooled.float(), spans, caption_tokens)
+
+    def _t5_embeddings(self, texts: list[str], length: int) -> torch.Tensor:
+        # texts (B,) -> (B, length, D): each text padded or cut to length T5 tokens
+        t5 = self.tokenizer_2(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+        return self.text_encoder_2(t5.input_ids.to(self.device)).last_hidden_state
+
+    def _append_condition_captions(
+        self, embeds: torch.Tensor, prompts: list[str], captions: Sequence[Sequence[str]] | None
+    ) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """MUSAR's CT^i: (B, T, D) prompt tokens -> (B, T + R m', D) with each sample's R captions encoded one by one."""
+        if captions is None or len(captions) != len(prompts):
+            raise ValueError(f"policy.condition_prompts is on: give each of the {len(prompts)} prompt(s) its references' captions (condition_captions)")
+        counts = {len(c) for c in captions}
+        if len(counts) != 1:
+            raise ValueError(f"every prompt of a batch needs the same number of condition captions, got {sorted(counts)}")
+        references, length = counts.pop(), self.cfg.condition_prompts.tokens
+        if not references:
+            return embeds, ()
+        encoded = self._t5_embeddings([c for sample in captions for c in sample], length)  # (B R, m', D)
+        encoded = encoded.reshape(len(prompts), references * length, encoded.shape[-1])
+        return torch.cat([embeds, encoded.to(embeds.dtype)], dim=1), (length,) * references
 
     def item_spans(self, prompt: str, item_phrases: Sequence[str]) -> tuple[tuple[int, int], ...]:
         """The [start, end) T5-token span of each phrase's first occurrence in the prompt (samples whose
@@ -221,6 +252,8 @@ class FluxPolicy(torch.nn.Module):
         noisy_grid = (lh // 2, lw // 2)
         for image in references:
             self.latent_shape(image.shape[-2], image.shape[-1])  # checks the size
+        if self.cfg.condition_prompts.enabled and len(prompts.caption_tokens) != len(references):
+            raise ValueError(f"{len(references)} references but the prompts carry {len(prompts.caption_tokens)} condition captions")
         sizes = {image.shape[0] for image in references} | {prompts.prompt_embeds.shape[0]}
         if len(sizes - {1}) > 1:
             raise ValueError(f"prompt and reference batch sizes must be 1 or one common size, got {sorted(sizes)}")
@@ -236,7 +269,7 @@ class FluxPolicy(torch.nn.Module):
         txt = text_ids(scheme, prompts.prompt_embeds.shape[1], prompts.item_spans, ref_ids)
         img = torch.cat([grid_ids(noisy_grid), *ref_ids], dim=0)
         reference_tokens = torch.cat(tokens, dim=1) if tokens else prompts.prompt_embeds.new_zeros(1, 0, 4 * self.codec.latent_channels)
-        layout = TokenLayout(prompts.prompt_embeds.shape[1], noisy_grid[0] * noisy_grid[1], tuple(t.shape[1] for t in tokens))
+        layout = TokenLayout(prompts.prompt_embeds.shape[1], noisy_grid[0] * noisy_grid[1], tuple(t.shape[1] for t in tokens), prompts.caption_tokens)
         device = self.device
         return Conditioning(
             prompts.prompt_embeds.to(device), prompts.pooled_prompt_embeds.to(device), reference_tokens.to(device),
@@ -334,6 +367,7 @@ class FluxPolicy(torch.nn.Module):
             "dual_branch": dataclasses.asdict(self.cfg.dual_branch),
             "attention_temperature": self.cfg.attention.temperature,
             "static_routing": self.cfg.attention.static_routing,
+            "condition_prompts": dataclasses.asdict(self.cfg.condition_prompts),
         }
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
@@ -405,13 +439,16 @@ def read_adapter_description(folder: str | Path) -> dict:
     saved = json.loads(config_file.read_text())
     if saved.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"{config_file}: format is {saved.get('format')!r}, expected {ADAPTER_FORMAT!r}")
-    saved.setdefault("static_routing", False)  # folders written before the attention mode was recorded had none
+    # folders written before the attention mode and the conditioning were recorded had neither
+    saved.setdefault("static_routing", False)
+    saved.setdefault("condition_prompts", dataclasses.asdict(ConditionPromptConfig()))
     return saved
 
 
 def with_adapters_of(cfg: PolicyConfig, folder: str | Path) -> PolicyConfig:
-    """``cfg`` with the adapter layout and attention mode that the adapter folder was saved with (LoRA,
-    MoE-LoRA, dual-branch LoRA, temperature, static routing), so a bare base model can load them."""
+    """``cfg`` with the adapter layout, attention mode and conditioning that the adapter folder was saved
+    with (LoRA, MoE-LoRA, dual-branch LoRA, temperature, static routing, per-condition prompts), so a bare
+    base model can load them."""
     saved = read_adapter_description(folder)
     return dataclasses.replace(
         cfg,
@@ -419,6 +456,7 @@ def with_adapters_of(cfg: PolicyConfig, folder: str | Path) -> PolicyConfig:
         moe_lora=dataclasses.replace(cfg.moe_lora, **saved["moe_lora"]),
         dual_branch=dataclasses.replace(cfg.dual_branch, **saved["dual_branch"]),
         attention=dataclasses.replace(cfg.attention, temperature=saved["attention_temperature"], static_routing=saved["static_routing"]),
+        condition_prompts=ConditionPromptConfig(**saved["condition_prompts"]),
     )
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from policies import AttentionConfig, AttentionSwitches, FluxPolicy, PolicyConfig
+from policies import AttentionConfig, AttentionSwitches, ConditionPromptConfig, FluxPolicy, PolicyConfig
 from policies.components import build_tiny_components, save_components
 from policies.policy import with_adapters_of
 from rl_align.core.config import load_config, save_config
@@ -97,6 +97,13 @@ def test_adapters_record_the_attention_mode_they_were_trained_with(tmp_path):
         _policy().load_adapters(tmp_path / "adapters")
     rebuilt = with_adapters_of(PolicyConfig(lora=dataclasses.replace(PolicyConfig().lora, enabled=False)), tmp_path / "adapters")
     assert rebuilt.attention.static_routing and rebuilt.lora == routed.cfg.lora and rebuilt.moe_lora == routed.cfg.moe_lora
+    assert not rebuilt.condition_prompts.enabled
+    # MUSAR's per-condition prompts are part of what the adapters were trained with, too
+    captioned = FluxPolicy.from_config(PolicyConfig(condition_prompts=ConditionPromptConfig(enabled=True, tokens=5)))
+    captioned.save_adapters(tmp_path / "captioned")
+    with pytest.raises(ValueError, match="'condition_prompts' is"):
+        _policy().load_adapters(tmp_path / "captioned")
+    assert with_adapters_of(PolicyConfig(), tmp_path / "captioned").condition_prompts == ConditionPromptConfig(enabled=True, tokens=5)
 
 
 def test_policy_specs_resolve_run_folders_yaml_files_and_diffusers_folders(tmp_path):

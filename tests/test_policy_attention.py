@@ -19,7 +19,7 @@ from policies.attention import (
     reference_attention_map,
     static_routing_mask,
 )
-from policy_helpers import conditioning, latents, randomize_adapters, tiny_policy
+from policy_helpers import HEIGHT, PHRASES, PROMPTS, WIDTH, conditioning, latents, randomize_adapters, references, tiny_policy
 
 LAYOUT = TokenLayout(text=3, noisy=4, references=(2, 3))
 
@@ -321,3 +321,78 @@ def test_velocity_fn_applies_the_temperature_the_policy_was_trained_with():
         without = policy(x, sigma, cond, AttentionSwitches()).velocity
     torch.testing.assert_close(default, with_temperature)
     assert (default - without).abs().max() > 1e-4
+
+
+# ---- MUSAR per-condition prompts: [CI^1; CT^1; ...; CI^c; CT^c; T; X] -------------------------------------
+
+
+def test_routing_masks_with_condition_captions_follow_musar_index_formulas():
+    """Static routing (Sec. 3.2.2) and Eq. 4 written with the paper's indices over its own order
+    [CI^1; CT^1; CI^2; CT^2; T; X] (l' = n' + m' tokens per condition), then permuted to ours
+    [T, CT^1, CT^2, X, CI^1, CI^2]: a caption belongs to its condition, not to the prompt."""
+    n_ref, n_cap, c, m, n = 3, 2, 2, 3, 4
+    layout = TokenLayout(text=m + c * n_cap, noisy=n, references=(n_ref,) * c, captions=(n_cap,) * c)
+    l_cond = n_ref + n_cap
+    prompt_start = c * l_cond
+    total = prompt_start + m + n
+    # ours -> the paper's index of the same token
+    order = list(range(prompt_start, prompt_start + m))
+    order += [i * l_cond + n_ref + j for i in range(c) for j in range(n_cap)]
+    order += list(range(prompt_start + m, total))
+    order += [i * l_cond + j for i in range(c) for j in range(n_ref)]
+    assert sorted(order) == list(range(total)) and len(order) == layout.total
+
+    paper = torch.ones(total, total, dtype=torch.bool)
+    paper[prompt_start : prompt_start + m, :prompt_start] = False  # prompt-condition decoupling
+    paper[:prompt_start, prompt_start : prompt_start + m] = False
+    for i in range(c):
+        for j in range(c):
+            if i != j:  # inter-condition isolation
+                paper[i * l_cond : (i + 1) * l_cond, j * l_cond : (j + 1) * l_cond] = False
+    index = torch.tensor(order)
+    assert torch.equal(static_routing_mask(layout), paper[index][:, index])
+
+    assignment = torch.tensor([[0, 1, 1, 0]])
+    paper_dynamic = torch.ones(total, total, dtype=torch.bool)
+    for row in range(prompt_start + m, total):  # Eq. 4: noisy rows, condition columns
+        for column in range(prompt_start):
+            paper_dynamic[row, column] = column // l_cond == int(assignment[0, row - prompt_start - m])
+    assert torch.equal(dynamic_routing_mask(assignment, layout)[0], paper_dynamic[index][:, index])
+
+
+def test_condition_captions_are_their_own_t5_tokens_and_routing_scores_only_the_prompt():
+    """Per-condition prompts append each reference's own T5 caption tokens after the prompt; Eq. 2's
+    similarity (dynamic routing, routing maps) still reads the target prompt's tokens only, so the first
+    block's routing maps equal those of the same policy without captions."""
+    from policies import ConditionPromptConfig
+
+    plain = tiny_policy()
+    captioned = tiny_policy(condition_prompts=ConditionPromptConfig(enabled=True, tokens=6))
+    captions = [["a small cat", "a brown dog"]] * 2
+    embeds = captioned.encode_prompts(PROMPTS, item_phrases=PHRASES, condition_captions=captions)
+    base = plain.encode_prompts(PROMPTS, item_phrases=PHRASES)
+    assert embeds.caption_tokens == (6, 6) and embeds.prompt_embeds.shape[1] == base.prompt_embeds.shape[1] + 12
+    torch.testing.assert_close(embeds.prompt_embeds[:, : base.prompt_embeds.shape[1]], base.prompt_embeds)
+    ids = captioned.tokenizer_2(["a brown dog"], padding="max_length", max_length=6, truncation=True, return_tensors="pt").input_ids
+    own = captioned.text_encoder_2(ids).last_hidden_state.float()
+    torch.testing.assert_close(embeds.prompt_embeds[:, -6:], own.expand(2, -1, -1))
+
+    with_captions = captioned.condition(embeds, references(), HEIGHT, WIDTH)
+    without = plain.condition(base, references(), HEIGHT, WIDTH)
+    assert with_captions.layout.prompt == without.layout.text and with_captions.layout.captions == (6, 6)
+    x, sigma = latents(plain, 2), torch.tensor([0.3, 0.8])
+    switches = AttentionSwitches(capture_routing=True)
+    with torch.no_grad():
+        routed = captioned(x, sigma, with_captions, switches)
+        reference = plain(x, sigma, without, switches)
+    torch.testing.assert_close(routed.routing_maps[:, 0], reference.routing_maps[:, 0])
+    assert not torch.allclose(routed.velocity, reference.velocity)  # the captions reach the image
+
+    other = captioned.encode_prompts(PROMPTS, item_phrases=PHRASES, condition_captions=[["a small cat", "a grey mouse"]] * 2)
+    with torch.no_grad():
+        changed = captioned(x, sigma, captioned.condition(other, references(), HEIGHT, WIDTH), captioned.attention_mode)
+    assert not torch.allclose(changed.velocity, routed.velocity)
+    with pytest.raises(ValueError, match="condition_captions"):
+        captioned.encode_prompts(PROMPTS)
+    with pytest.raises(ValueError, match="2 references but the prompts carry 1 condition captions"):
+        captioned.condition(captioned.encode_prompts(PROMPTS, condition_captions=[["a cat"]] * 2), references(), HEIGHT, WIDTH)

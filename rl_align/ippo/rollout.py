@@ -90,11 +90,12 @@ def condition_task(policy: FluxPolicy, task: Task, height: int, width: int, refe
     """Encode the task's prompt and references (each resized to reference_size pixels) for a target of
     height x width pixels: the one conditioning of RL, evaluation and generation. When the policy needs
     item phrases (condition-id positions, dynamic routing), each reference's caption is its phrase in the
-    prompt. Under the ``condition_id`` scheme a reference's condition id comes from its category
+    prompt; with per-condition prompts (MUSAR) the caption is also encoded as that reference's own tokens.
+    Under the ``condition_id`` scheme a reference's condition id comes from its category
     (policy.condition_categories, as in warm-start training); a task without categories numbers its
     references 1, 2, ... instead."""
     captions = [r.caption for r in task.references]
-    prompts = policy.encode_prompts([task.prompt], item_phrases=captions if policy.needs_item_phrases else None)
+    prompts = policy.encode_prompts([task.prompt], item_phrases=captions if policy.needs_item_phrases else None, condition_captions=[captions])
     references = [reference_tensor(r, reference_size) for r in task.references]
     condition_ids = None
     if policy.cfg.position_scheme == "condition_id":
