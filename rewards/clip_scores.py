@@ -57,6 +57,8 @@ class OpenClipCosineScorer:
     """R[b] = cos(image_b, prompt_b) under an open_clip model; ``preprocess`` maps one uint8 image to a
     (3, S, S) tensor."""
 
+    reads_reference_images = False
+
     def __init__(
         self,
         name: str,

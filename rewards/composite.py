@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from rewards.config import RewardConfig
-from rewards.types import RewardResult, ScoreBatch, Scorer
+from rewards.types import RewardResult, ScoreBatch, Scorer, reads_reference_images
 
 
 def weighted_sum(components: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
@@ -33,6 +33,11 @@ class CompositeReward:
         if not self.scorers:
             raise ValueError("the composite reward has no components: set a preset or a non-zero weight")
         self.weights = dict(weights)
+
+    @property
+    def reads_reference_images(self) -> bool:
+        """Whether any component looks at the reference subjects' pixels (rewards.types.reads_reference_images)."""
+        return any(reads_reference_images(scorer) for scorer in self.scorers.values())
 
     def score(self, batch: ScoreBatch) -> RewardResult:
         components = {}

@@ -9,6 +9,7 @@ cosine), ``aesthetic`` (HPSv2), and the weight-free ``jpeg_compressibility``, ``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
@@ -40,6 +41,13 @@ class WeightsConfig:
     colour_target: float | None = None
     subject_count: float | None = None
     background: float | None = None
+
+    def __post_init__(self) -> None:
+        # nan or inf would pass every other check and turn every reward into nan or inf.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"weights.{f.name} must be a finite number, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -178,6 +186,15 @@ class ServerConfig:
     max_request_bytes: int = 64 * 1024 * 1024  # -> 413 beyond
     max_references_per_image: int = 8  # -> 413 beyond
     max_image_pixels: int = 4096 * 4096  # decoded size per image (decompression bombs) -> 413 beyond
+    # Pixels of one request, images and references together, as their headers declare them (checked
+    # before any is decoded) -> 413 beyond. It bounds memory: the 64 x (1 + 8) images of 4096 x 4096 the
+    # limits above would allow are 9.7G pixels (29 GB of RGB); 128M pixels (384 MiB of RGB) holds e.g.
+    # 64 images of 1024 x 1024 with a 1024 x 1024 reference each.
+    max_request_pixels: int = 128 * 1024 * 1024
+    # Requests decoded or scored at once (one scored while the next decodes); the others wait holding only
+    # their body. Decoding holds at most max_batches_in_flight x (3 x max_request_pixels + 11 x
+    # max_image_pixels) bytes (rewards/server.py: decode_memory_bound).
+    max_batches_in_flight: int = 2
     # Name of an environment variable holding the bearer token; empty: no auth. The token itself never
     # sits in a YAML file.
     token_env: str = ""
@@ -185,9 +202,22 @@ class ServerConfig:
     ray_gpus_per_replica: float = 0.0  # 1.0 places one replica per GPU
 
     def __post_init__(self) -> None:
-        for name in ("max_images", "max_request_bytes", "max_references_per_image", "max_image_pixels", "ray_replicas"):
+        for name in (
+            "max_images",
+            "max_request_bytes",
+            "max_references_per_image",
+            "max_image_pixels",
+            "max_request_pixels",
+            "max_batches_in_flight",
+            "ray_replicas",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_request_pixels < self.max_image_pixels:
+            raise ValueError(
+                f"max_request_pixels ({self.max_request_pixels}) must be >= max_image_pixels "
+                f"({self.max_image_pixels}): otherwise no request could hold one image of the allowed size"
+            )
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
 

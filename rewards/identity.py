@@ -42,6 +42,7 @@ class SubjectEmbedder(Protocol):
 
 class IdentityScorer:
     name = "id"
+    reads_reference_images = True
 
     def __init__(self, embedders: Sequence[SubjectEmbedder]):
         self.embedders = {embedder.kind: embedder for embedder in embedders}

@@ -260,6 +260,7 @@ class SubjectCountScorer:
     R = clip(1 - |K - N| / max(N, 1), -1, 1) with K the subjects located (``locate_subjects``)."""
 
     name = "subject_count"
+    reads_reference_images = False
 
     def __init__(self, cfg: ShapesConfig):
         self.cfg = cfg
@@ -279,6 +280,7 @@ class BackgroundScorer:
     clean background, 0 where every such pixel is as far off as a subject."""
 
     name = "background"
+    reads_reference_images = False
 
     def __init__(self, cfg: ShapesConfig):
         self.cfg = cfg

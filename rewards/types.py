@@ -103,9 +103,13 @@ class RewardResult:
 
 
 class Scorer(Protocol):
-    """One reward component: a batch of B images -> (B,) float64 scores (higher is better)."""
+    """One reward component: a batch of B images -> (B,) float64 scores (higher is better).
+
+    ``reads_reference_images``: whether it looks at the reference subjects' pixels (the identity term);
+    the server decodes a request's reference images only for a reward that reads them."""
 
     name: str
+    reads_reference_images: bool
 
     def score(self, batch: ScoreBatch) -> np.ndarray: ...
 
@@ -114,3 +118,11 @@ class RewardModel(Protocol):
     """What a trainer calls: the in-process composite reward and the REST client both implement it."""
 
     def score(self, batch: ScoreBatch) -> RewardResult: ...
+
+
+def reads_reference_images(model: object) -> bool:
+    """Whether scoring with ``model`` (a scorer or a reward) reads the pixels of the reference images: its
+    ``reads_reference_images`` attribute (every built-in scorer and the composite reward declare it); a
+    model that does not declare it is taken to read them (the safe side: its references are decoded)."""
+    declared = getattr(model, "reads_reference_images", True)
+    return declared if isinstance(declared, bool) else True

@@ -34,6 +34,8 @@ def colour_distance(image: np.ndarray, target_rgb: np.ndarray) -> float:
 class JpegSizeScorer:
     """sign * JPEG size in kB: ``sign=-1`` is compressibility, ``sign=+1`` incompressibility."""
 
+    reads_reference_images = False
+
     def __init__(self, name: str, sign: float, cfg: JpegConfig):
         self.name = name
         self.sign = sign
@@ -45,6 +47,8 @@ class JpegSizeScorer:
 
 class ColourTargetScorer:
     """-colour_distance(image, target): 0 for an image entirely of the target colour."""
+
+    reads_reference_images = False
 
     name = "colour_target"
 

@@ -4,7 +4,10 @@
     python scripts/reward_server.py --config configs/rewards/multi_human.yaml --ray  # Ray Serve (server.ray_*)
 
 Binds 127.0.0.1 unless told otherwise. Set server.token_env to the name of an environment variable
-holding a bearer token to require it on /v1/*.
+holding a bearer token to require it on /v1/*. Memory follows server.max_request_pixels (the pixels one
+request may declare) and server.max_batches_in_flight; the bound is printed at start-up. A config the
+server cannot run (an unknown key, a non-finite weight, inconsistent limits, a missing model file, an
+unset token variable) stops it with one line naming the problem.
 """
 
 from __future__ import annotations
@@ -53,12 +56,20 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from rewards.server import build_app
+    from rewards.server import build_app, decode_memory_bound
 
     try:
         app = build_app(cfg, dict(os.environ))
-    except (FileNotFoundError, ValueError) as exc:  # a missing model file, an unset token variable
+    except (FileNotFoundError, ValueError) as exc:  # a missing model file, an unset token variable, a nan weight
         parser.exit(2, f"reward_server: cannot start: {exc}\n")
+    limits = cfg.server
+    print(
+        f"reward_server: decoding holds at most {decode_memory_bound(limits) / 1e9:.2f} GB "
+        f"(max_batches_in_flight={limits.max_batches_in_flight} x (3 B x max_request_pixels={limits.max_request_pixels}"
+        f" + 11 B x max_image_pixels={limits.max_image_pixels})), plus the bodies in flight "
+        f"(max_request_bytes={limits.max_request_bytes} each)",
+        flush=True,
+    )
     uvicorn.run(app, host=cfg.server.host, port=cfg.server.port, log_level="info")
     return 0
 
