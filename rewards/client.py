@@ -3,15 +3,17 @@
 
 Requests carry images as base64 JSON: PNG by default (lossless, so the server scores exactly the pixels
 an in-process reward would), or JPEG at quality 95 (several times faster to encode at 512 px, slightly
-lossy). Connection errors, timeouts, 429 and 5xx answers are retried
-with exponential backoff (with jitter, so many trainers do not retry in lockstep); any other 4xx is the
-caller's mistake and raises at once with the server's message.
+lossy). Connection errors, timeouts, 429 and 5xx answers are retried with exponential backoff (with
+jitter, so many trainers do not retry in lockstep) within a retry budget (``RetryPolicy``: attempts and a
+total deadline), each failed attempt logged as a warning, so a server restart within the budget is
+ridden out; any other 4xx is the caller's mistake and raises at once with the server's message.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import logging
 import random
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,6 +27,7 @@ from PIL import Image
 from rewards.types import RewardResult, ScoreBatch
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+log = logging.getLogger("rewards.client")
 
 
 class RewardServerError(RuntimeError):
@@ -64,15 +67,21 @@ def batch_to_json(batch: ScoreBatch, image_format: ImageFormat = "png") -> dict:
 
 @dataclass(frozen=True)
 class RetryPolicy:
+    """The retry budget of one request: at most ``attempts`` tries, and no retry that would start after
+    ``deadline_s`` seconds from the first try (the waits between tries count, the request timeouts too)."""
+
     attempts: int = 4  # total tries
     backoff_s: float = 0.5  # first wait; doubles each retry
     max_backoff_s: float = 8.0
+    deadline_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
             raise ValueError(f"attempts must be >= 1, got {self.attempts}")
         if self.backoff_s < 0 or self.max_backoff_s < 0:
             raise ValueError(f"backoffs must be >= 0, got {self.backoff_s} and {self.max_backoff_s}")
+        if self.deadline_s <= 0:
+            raise ValueError(f"deadline_s must be > 0, got {self.deadline_s}")
 
     def delay(self, retry: int) -> float:
         """Wait before retry number ``retry`` (0-based): min(backoff 2^retry, max) scaled by U(0.5, 1)."""
@@ -100,25 +109,28 @@ class RewardClient:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-client")
 
     def _request(self, method: str, path: str, body: dict | None = None) -> dict:
-        last_error = ""
-        for attempt in range(self.retry.attempts):
-            if attempt:
-                time.sleep(self.retry.delay(attempt - 1))
+        started = time.monotonic()
+        where = f"{method} {self._http.base_url}{path}"
+        for attempt in range(1, self.retry.attempts + 1):
             try:
                 response = self._http.request(method, path, json=body)
             except httpx.TransportError as exc:  # connection refused/reset, timeouts
                 last_error = f"{type(exc).__name__}: {exc}"
-                continue
-            if response.status_code in RETRYABLE_STATUS:
+            else:
+                if response.status_code < 400:
+                    return response.json()
+                if response.status_code not in RETRYABLE_STATUS:
+                    raise RewardServerError(f"{where} -> HTTP {response.status_code}: {response.text[:2000]}", response.status_code)
                 last_error = f"HTTP {response.status_code}: {response.text[:500]}"
-                continue
-            if response.status_code >= 400:
-                raise RewardServerError(
-                    f"{method} {path} -> HTTP {response.status_code}: {response.text[:2000]}", response.status_code
-                )
-            return response.json()
+            elapsed = time.monotonic() - started
+            wait = self.retry.delay(attempt - 1)
+            if attempt == self.retry.attempts or elapsed + wait > self.retry.deadline_s:
+                break
+            log.warning("%s: attempt %d of %d failed after %.1f s (%s); retrying in %.1f s", where, attempt, self.retry.attempts, elapsed, last_error, wait)
+            time.sleep(wait)
         raise RewardServerError(
-            f"{method} {path} failed after {self.retry.attempts} attempts; last error: {last_error}"
+            f"{where} failed after {attempt} attempts in {time.monotonic() - started:.1f} s, the end of its retry budget "
+            f"(attempts {self.retry.attempts}, deadline {self.retry.deadline_s:g} s); last error: {last_error}"
         )
 
     def score(self, batch: ScoreBatch) -> RewardResult:

@@ -9,6 +9,10 @@
 Each iteration: sample a task (prompt + reference set) per group, roll out every group with the window
 of this iteration (scoring each chunk as soon as it is done), compute group advantages, update the
 policy on the window steps, and hand the new adapter weights to the rollout workers.
+
+Exit status: 0 when the run is done; 2 when it cannot start (a bad config, input file, model folder or run
+folder: one line says which); 3 when it stopped with a checkpoint (a reward server unreachable beyond
+workers.reward_retry, a hung learner): the line says how to resume.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import sys
 from pathlib import Path
 
 from rl_align.core.config import ConfigError
-from rl_align.core.errors import SetupError
+from rl_align.core.errors import RunStopped, SetupError
 from rl_align.core.runs import load_run_config, run_parser
 from rl_align.ippo.config import GSPOTrainConfig
 from rl_align.ippo.trainer import train
@@ -42,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     except SetupError as exc:
         print(f"train_gspo: cannot run: {exc}", file=sys.stderr)
         return 2
+    except RunStopped as exc:
+        print(f"train_gspo: stopped: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -8,6 +8,7 @@ from typing import Literal
 import pytest
 
 from rl_align.core.config import ConfigError, apply_overrides, load_config, save_config
+from rl_align.core.errors import RunFolderError
 from rl_align.core.runs import RunConfig, create_run_dir
 from rl_align.ippo.config import GSPOTrainConfig
 
@@ -92,7 +93,7 @@ def test_resolved_config_round_trip(tmp_path):
     cfg = load_config(GSPOTrainConfig, None, ["sampler.eta=0.9", "sampler.tail_solver=dpmpp_2m", f"run.output_root={tmp_path}"])
     run_dir = create_run_dir(cfg.run, cfg, prefix="t")
     assert load_config(GSPOTrainConfig, run_dir / "config.yaml") == cfg
-    with pytest.raises(FileExistsError, match="already exists"):
+    with pytest.raises(RunFolderError, match="already exists"):
         create_run_dir(RunConfig(output_root=str(tmp_path), name=run_dir.name), cfg, prefix="t")
     nested = Outer(steps=3, inner=Inner(sizes=(7,), path="p"))
     save_config(nested, tmp_path / "o.yaml")

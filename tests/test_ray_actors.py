@@ -56,7 +56,7 @@ def test_dead_rollout_worker_is_restarted_and_the_call_retried(cluster):
 
 
 def test_reward_worker_scores_a_chunk(cluster):
-    worker = RewardWorker.remote(RewardConfig(weights=WeightsConfig(colour_target=1.0)), "", "UNUSED")
+    worker = RewardWorker.remote(RewardConfig(weights=WeightsConfig(colour_target=1.0)), WorkerConfig())
     rollout = RolloutWorker.remote(PolicyConfig(), SAMPLER, ROLLOUT, 1, 0.0)
     learner = Learner.remote(PolicyConfig(), LearnerConfig(), ROLLOUT, 1, 0.0)
     adapters = ray.put(ray.get(learner.adapter_state.remote()))
@@ -102,3 +102,34 @@ def test_data_parallel_learners_match_a_single_learner(cluster):
     for name in expected:
         torch.testing.assert_close(got0[name], expected[name], rtol=0, atol=1e-6)
         assert torch.equal(got0[name], got1[name]) and torch.equal(published[name], got0[name])
+
+
+def test_a_frozen_rollout_worker_is_restarted_within_its_timeout_and_the_call_retried(cluster):
+    """SIGSTOP freezes a rollout worker mid-iteration: the driver's wait does not hang; after
+    rollout_timeout_s without progress the worker is killed, Ray restarts it and retries the call, and the
+    retried chunk equals what a healthy worker rolls out."""
+    import os
+    import signal
+
+    from rl_align.ippo.actors import RayWorkers
+    from rl_align.ippo.config import GSPOTrainConfig
+
+    cfg = GSPOTrainConfig(
+        sampler=SAMPLER, rollout=ROLLOUT, tasks=TaskConfig(reference_size=16),
+        workers=WorkerConfig(max_restarts=2, rollout_timeout_s=3.0, cpus_per_worker=0.5),
+    )
+    workers = RayWorkers(cfg)
+    try:
+        adapters, task = workers.adapters(), TASKS.task(0, 0)
+        args = (adapters, task, GroupKey(0, 0, 0), (0, 1), [0, 1])
+        os.kill(workers.pids["rollout"][0], signal.SIGSTOP)
+        images, _ = workers.rollout(0, 0, *args)
+        started = time.monotonic()
+        workers.wait([images])
+        waited = time.monotonic() - started
+        assert workers.restarts == 1 and 3.0 <= waited < 120
+        healthy, _ = workers.rollout(0, 0, *args)
+        retried, expected = workers.fetch([images, healthy])
+        assert (retried == expected).all()
+    finally:
+        workers.close()

@@ -54,7 +54,9 @@ def test_checkpoints_are_atomic_rotated_and_restore_rng(tmp_path):
     for it in (10, 20, 30, 40):
         save_checkpoint(tmp_path, Checkpoint(it, weights, {"step": it}), keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["iteration-00000030.pt", "iteration-00000040.pt"]
-    assert not list((tmp_path / "checkpoints").glob("*.partial"))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [  # each with its checksum, no .partial left
+        "iteration-00000030.pt", "iteration-00000030.pt.sha256", "iteration-00000040.pt", "iteration-00000040.pt.sha256",
+    ]
 
     torch.manual_seed(5)
     random.seed(5)

@@ -63,8 +63,36 @@ def test_bad_manifest_lines_name_file_and_line(tmp_path, line, message):
 def test_a_manifest_that_is_not_utf8_is_named(tmp_path):
     path = tmp_path / "tasks.jsonl"
     path.write_bytes(json.dumps({"prompt": "fine"}).encode() + b"\n\xff\xfe\n")
-    with pytest.raises(ManifestError, match=r"tasks.jsonl: not UTF-8 text \(byte 19\)"):
+    with pytest.raises(ManifestError, match=r"tasks.jsonl:2: not UTF-8 text \(byte 0 of the line\)"):
         ManifestTasks(path, seed=0)
+
+
+def test_an_image_bomb_and_an_undecodable_image_name_their_line(tmp_path):
+    """A reference whose header declares more pixels than PIL's bomb limit, and a file that is no image:
+    each is a ManifestError naming file:line and the reference, not a warning or a bare PIL error."""
+    Image.new("L", (16, 16)).save(tmp_path / "bomb.png")
+    (tmp_path / "junk.png").write_bytes(b"not an image at all")
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = 150  # 16 x 16 = 256 pixels: a warning for PIL (under twice the limit), refused here
+        for name in ("bomb.png", "junk.png"):
+            lines = [json.dumps({"prompt": "fine"})] * 2 + [json.dumps({"prompt": "p", "references": [{"image": name, "kind": "object"}]})]
+            with pytest.raises(ManifestError, match=rf"tasks.jsonl:3: references\[0\].image: cannot read .*{name} as an image"):
+                ManifestTasks(_write(tmp_path, lines), seed=0)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def test_unknown_categories_are_refused_at_start_up_naming_the_line(tmp_path):
+    ref = {"image": "ref.png", "kind": "object", "caption": "a bag"}
+    lines = [json.dumps({"prompt": "a bag", "references": [{**ref, "category": "bag"}]}), json.dumps({"prompt": "a hat", "references": [{**ref, "category": "hat"}]})]
+    source = ManifestTasks(_write(tmp_path, lines), seed=0)
+    source.check_categories(("bag", "hat"))
+    with pytest.raises(ManifestError, match=r"tasks.jsonl:2: references\[0\].category 'hat' has no condition id"):
+        source.check_categories(("face", "bag"))
+    SyntheticShapeTasks(TaskConfig(), seed=0).check_categories(("circle", "square", "triangle", "diamond"))
+    with pytest.raises(ManifestError, match="'diamond'"):
+        SyntheticShapeTasks(TaskConfig(), seed=0).check_categories(("circle", "square", "triangle"))
 
 
 def test_manifest_categories_are_optional_but_all_or_none(tmp_path):

@@ -145,3 +145,32 @@ def test_plain_script_runs_the_quickstart_like_make_train():
     assert plain != GSPOTrainConfig() and plain.iterations == 60
     with_override, _ = SCRIPT.resolve_config(["iterations=7"])
     assert with_override.iterations == 7 and with_override.learner == plain.learner  # overrides apply on top of the quickstart
+
+
+def test_known_start_up_failures_print_one_line_and_exit_2(tmp_path, small_base, capsys):
+    """Each known way a run cannot start is one line on stderr and exit status 2, before any traceback:
+    a missing model folder, a missing warm-start folder, an existing run name, a run folder that cannot
+    be created, a negative CPU share, a task category without a condition id (a worker constructor's
+    error is in test_train_outage.py, where a cluster is up)."""
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "a-file").write_text("")
+    manifest = tmp_path / "tasks.jsonl"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "ref.png")
+    manifest.write_text(json.dumps({"prompt": "a hat", "references": [{"image": "ref.png", "kind": "object", "category": "hat"}]}) + "\n")
+    base = [f"run.output_root={tmp_path}", *TINY_RUN, *small_base]
+    cases = {
+        "policy.path /nonexistent/flux is not a folder": ["policy.path=/nonexistent/flux", "base.build_if_missing=false"],
+        "init_adapters: adapter folder /nonexistent/adapters has no adapter_config.json": ["init_adapters=/nonexistent/adapters"],
+        "run folder": ["run.name=taken"],
+        "a-file": [f"run.output_root={tmp_path / 'a-file'}"],
+        "cpus_per_worker must be >= 0": ["workers.cpus_per_worker=-1"],
+        "tasks.jsonl:1: references[0].category 'hat' has no condition id": [
+            "tasks.source=manifest", f"tasks.manifest={manifest}", "policy.position_scheme=condition_id",
+        ],
+    }
+    for expected, overrides in cases.items():
+        assert SCRIPT.main([*base, *overrides]) == 2, expected
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("config error", "train_gspo"))]
+        assert len(lines) == 1 and expected in lines[0], (expected, lines)

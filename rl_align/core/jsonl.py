@@ -10,16 +10,16 @@ from rl_align.core.errors import ManifestError
 
 
 def json_objects(path: Path) -> Iterator[tuple[str, dict]]:
-    """("<path>:<line>", object) for every non-blank line of ``path``; a file that is not UTF-8, a line
-    that is not valid JSON or not a JSON object is a ManifestError naming the file (and line)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ManifestError(f"{path}: not UTF-8 text (byte {exc.start}); expected a JSON Lines file") from None
-    for number, line in enumerate(text.splitlines(), 1):
+    """("<path>:<line>", object) for every non-blank line of ``path``; a line that is not UTF-8 text, not
+    valid JSON or not a JSON object is a ManifestError naming the file and line."""
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        where = f"{path}:{number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ManifestError(f"{where}: not UTF-8 text (byte {exc.start} of the line); expected a JSON Lines file") from None
         if not line.strip():
             continue
-        where = f"{path}:{number}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:

@@ -11,6 +11,9 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from rl_align.core.errors import ManifestError, RunFolderError
+from rl_align.core.jsonl import json_objects
+
 log = logging.getLogger(__name__)
 
 
@@ -24,14 +27,18 @@ def due(count: int, every: int, last: int) -> bool:
 class MetricsLog:
     """Appends one line per iteration to ``run_dir/metrics.jsonl`` and mirrors the scalars to
     TensorBoard under ``run_dir/tensorboard``. On resume it first drops lines of iterations at or after
-    the resumed one, so the file never holds an iteration twice."""
+    the resumed one, so the file never holds an iteration twice (and a damaged last line, see
+    ``read_metrics``). A failed write (a full disk, no permission) is a RunFolderError naming the file."""
 
     def __init__(self, run_dir: Path, resume_from: int | None = None, tensorboard: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
-        if resume_from is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["iteration"] < resume_from]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        self._file = self.path.open("a")
+        try:
+            if resume_from is not None and self.path.exists():
+                kept = [record for record in read_metrics(self.path) if record["iteration"] < resume_from]
+                self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+            self._file = self.path.open("a")
+        except OSError as exc:
+            raise RunFolderError.from_os_error("write metrics", self.path, exc) from None
         self._writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -50,8 +57,11 @@ class MetricsLog:
             record[name] = value
             if self._writer is not None:
                 self._writer.add_scalar(name, value, iteration)
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as exc:
+            raise RunFolderError.from_os_error("write metrics", self.path, exc) from None
 
     def close(self) -> None:
         self._file.close()
@@ -66,8 +76,20 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The records of a ``metrics.jsonl``, in file order."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a ``metrics.jsonl``, in file order. A damaged last line (a write cut short by a crash
+    or a full disk) is dropped with a warning naming file:line; a damaged line before it is a RunFolderError
+    naming file:line."""
+    path = Path(path)
+    lines = sum(1 for raw in path.read_bytes().split(b"\n") if raw.decode("utf-8", "replace").strip())  # json_objects' lines
+    records = []
+    try:
+        for _, record in json_objects(path):
+            records.append(record)
+    except ManifestError as exc:
+        if len(records) != lines - 1:
+            raise RunFolderError(f"{exc}: the metrics log is damaged before its last line; repair or delete that line") from None
+        log.warning("dropping the last line of the metrics log, cut short: %s", exc)
+    return records
 
 
 def plot_curves(records: Sequence[Mapping], keys: Iterable[str], path: Path, title: str = "", smooth: int = 1) -> None:

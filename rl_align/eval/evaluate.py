@@ -48,10 +48,7 @@ class EvalResult(NamedTuple):
 
 def open_eval(cfg: EvalConfig) -> Path:
     """A new eval folder with config.yaml and log.txt; refuses an existing one."""
-    try:
-        eval_dir = create_run_dir(RunConfig(cfg.output_root, cfg.name), cfg, prefix="eval")
-    except FileExistsError:
-        raise SetupError(f"eval folder {Path(cfg.output_root) / (cfg.name or '<timestamp>')} already exists; choose another name") from None
+    eval_dir = create_run_dir(RunConfig(cfg.output_root, cfg.name), cfg, prefix="eval")  # RunFolderError (a SetupError) when taken
     setup_logging(eval_dir)
     log.info("eval folder %s", eval_dir.resolve())
     return eval_dir

@@ -12,11 +12,19 @@ the adapter version and a reference to its weights (wrapped in a list, so Ray do
 needed): a restarted worker reloads the weights on its first call instead of rolling out with the
 initial policy. Learners hold the optimizer state and the process group: no restarts, a dead learner
 ends the run.
+
+Hangs: the driver never waits unboundedly on rollout, reward or update calls. A rollout or reward worker
+whose calls make no progress for ``workers.rollout_timeout_s`` / ``reward_timeout_s`` (a frozen process, a
+stuck device) is killed and restarted by Ray, which retries its calls; a learner that does not answer
+within ``update_timeout_s`` raises ``WorkerTimeout`` (the run stops; it resumes from its last checkpoint).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import socket
+import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -32,8 +40,14 @@ from rl_align.ippo.config import GSPOTrainConfig, WorkerConfig
 from rl_align.ippo.learner import LearnerConfig, UpdateStats
 from rl_align.ippo.rollout import ChunkTransitions, RolloutConfig
 from rl_align.ippo.tasks import Task
-from rl_align.ippo.workers import LearnerRank, RewardRunner, RolloutRunner, payload_bytes, torch_device
+from rl_align.ippo.workers import LearnerRank, RewardRunner, RewardServerFailure, RolloutRunner, payload_bytes, torch_device
 from samplers import GroupKey, SamplerConfig
+
+log = logging.getLogger("train_gspo")
+
+
+class WorkerTimeout(RuntimeError):
+    """A learner did not answer within ``workers.update_timeout_s``, or a restarted worker did not come back."""
 
 
 def actor_options(cfg: WorkerConfig, gpus: float) -> dict[str, Any]:
@@ -48,6 +62,10 @@ class RolloutWorker:
         torch.set_num_threads(threads)
         self.runner = RolloutRunner(policy_cfg, sampler_cfg, rollout_cfg, torch_device(gpus))
 
+    def ready(self) -> int:
+        """This actor's process id, once its constructor has run."""
+        return os.getpid()
+
     @ray.method(num_returns=2)
     def rollout(self, version: int, adapters: list, task: Task, key: GroupKey, sample_ids: Sequence[int],
                 window: Sequence[int]) -> tuple[np.ndarray, ChunkTransitions]:
@@ -58,8 +76,11 @@ class RolloutWorker:
 
 @ray.remote
 class RewardWorker:
-    def __init__(self, reward_cfg: RewardConfig, url: str, token_env: str):
-        self.runner = RewardRunner(reward_cfg, url, token_env)
+    def __init__(self, reward_cfg: RewardConfig, workers: WorkerConfig):
+        self.runner = RewardRunner(reward_cfg, workers)
+
+    def ready(self) -> int:
+        return os.getpid()
 
     def score(self, images: np.ndarray, task: Task) -> RewardResult:
         return self.runner.score(images, task)
@@ -73,6 +94,9 @@ class Learner:
     def __init__(self, policy_cfg: PolicyConfig, learner_cfg: LearnerConfig, rollout_cfg: RolloutConfig, threads: int, gpus: float):
         torch.set_num_threads(threads)
         self.rank = LearnerRank(policy_cfg, learner_cfg, rollout_cfg, torch_device(gpus))
+
+    def ready(self) -> int:
+        return os.getpid()
 
     def rendezvous(self) -> str:
         """A TCP address on this actor's node for torch.distributed (called on rank 0)."""
@@ -112,6 +136,13 @@ class Learner:
         self.rank.policy.save_adapters(folder)
 
 
+def _root_cause(exc: BaseException) -> str:
+    """The last line of the innermost error text Ray carries (an actor constructor's exception)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    causes = [line for line in lines if "Error:" in line or "Exception:" in line]
+    return causes[-1] if causes else (lines[-1] if lines else type(exc).__name__)
+
+
 class RayWorkers:
     """The actors of one IPPO run on a Ray cluster (``ray.init()`` joins the cluster under ``ray job submit``
     through RAY_ADDRESS, else starts a local one). Handles are object references."""
@@ -137,7 +168,7 @@ class RayWorkers:
             for _ in range(w.rollout_workers)
         ]
         self.reward_workers = [
-            RewardWorker.options(**actor_options(w, w.gpus_per_reward_worker)).remote(cfg.reward, w.reward_url, w.reward_token_env)
+            RewardWorker.options(**actor_options(w, w.gpus_per_reward_worker)).remote(cfg.reward, w)
             for _ in range(w.reward_workers)
         ]
         self.learners = [
@@ -146,23 +177,79 @@ class RayWorkers:
             )
             for _ in range(w.learners)
         ]
+        self.workers_cfg = w
+        self.pids = self._started()
         if len(self.learners) > 1:
             address = ray.get(self.learners[0].rendezvous.remote())
             ray.get([learner.join.remote(rank, len(self.learners), address) for rank, learner in enumerate(self.learners)])
         self.fetched_bytes = 0
+        self.restarts = 0  # hung workers restarted
+        self._calls: dict[Any, tuple[str, int]] = {}  # rollout and score calls in flight -> (role, index)
+
+    def _started(self) -> dict[str, list[int]]:
+        """Wait for every actor's constructor (loading models is not a call's time) and return their PIDs by
+        role; a constructor that fails (a missing model file, a bad setting) is a SetupError with its message."""
+        roles = {"rollout": self.rollout_workers, "reward": self.reward_workers, "learner": self.learners}
+        started = time.monotonic()
+        try:
+            pids = {role: ray.get([actor.ready.remote() for actor in actors]) for role, actors in roles.items()}
+        except ray.exceptions.RayActorError as exc:
+            self.close()
+            raise SetupError(f"a worker failed to start: {_root_cause(exc)}") from None
+        self.startup_s = time.monotonic() - started
+        log.info("workers started in %.1f s: %s", self.startup_s, ", ".join(f"{role} pids {ids}" for role, ids in pids.items()))
+        return pids
 
     def adapters(self) -> Any:
         return self.learners[0].adapter_state.remote()
 
     def rollout(self, slot, version, adapters, task, key, sample_ids, window):
-        worker = self.rollout_workers[slot % len(self.rollout_workers)]
-        return worker.rollout.remote(version, [adapters], task, key, sample_ids, window)
+        index = slot % len(self.rollout_workers)
+        images, transitions = self.rollout_workers[index].rollout.remote(version, [adapters], task, key, sample_ids, window)
+        self._calls[images] = ("rollout", index)
+        return images, transitions
 
     def score(self, slot, images, task):
-        return self.reward_workers[slot % len(self.reward_workers)].score.remote(images, task)
+        index = slot % len(self.reward_workers)
+        scores = self.reward_workers[index].score.remote(images, task)
+        self._calls[scores] = ("reward", index)
+        return scores
 
     def wait(self, handles) -> None:
-        ray.wait(list(handles), num_returns=len(handles), fetch_local=False)
+        self._await(list(handles))
+
+    def _await(self, refs: list) -> None:
+        """Wait until every call is done, watching each actor's progress: a rollout or reward worker none of
+        whose pending calls finished for its timeout is killed, Ray restarts it and retries its calls; a
+        learner past update_timeout_s raises WorkerTimeout. Calls not made by rollout/score are a learner's."""
+        w = self.workers_cfg
+        timeouts = {"rollout": w.rollout_timeout_s, "reward": w.reward_timeout_s, "learner": w.update_timeout_s}
+        pending = {ref: self._calls.get(ref, ("learner", 0)) for ref in refs}
+        now = time.monotonic()
+        progress = {who: now for who in pending.values()}
+        poll = min(5.0, min(timeouts.values()) / 4)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=poll, fetch_local=False)
+            now = time.monotonic()
+            for ref in ready:
+                progress[pending.pop(ref)] = now
+                self._calls.pop(ref, None)
+            for who in set(pending.values()):
+                role, index = who
+                if now - progress[who] <= timeouts[role]:
+                    continue
+                if role == "learner":
+                    raise WorkerTimeout(f"a learner did not answer within workers.update_timeout_s={timeouts[role]:g} s")
+                log.warning("%s worker %d made no progress for %.0f s (workers.%s_timeout_s): restarting it; its calls are retried",
+                            role, index, now - progress[who], role)
+                actor = (self.rollout_workers if role == "rollout" else self.reward_workers)[index]
+                ray.kill(actor, no_restart=False)
+                self.restarts += 1
+                try:  # its constructor (loading models, as long as at start) is not the retried calls' time
+                    ray.get(actor.ready.remote(), timeout=self.startup_s + timeouts[role])
+                except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as exc:
+                    raise WorkerTimeout(f"{role} worker {index} did not come back after its restart: {type(exc).__name__}") from None
+                progress[who] = time.monotonic()
 
     def update(self, steps_per_rank, totals):
         if len(steps_per_rank) != len(self.learners):
@@ -174,7 +261,14 @@ class RayWorkers:
         return [stats for stats, _ in calls], calls[0][1]
 
     def fetch(self, handles) -> list[Any]:
-        values = list(ray.get(list(handles)))
+        handles = list(handles)
+        self._await(handles)
+        try:
+            values = list(ray.get(handles))
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, RewardServerFailure):
+                raise exc.cause from None
+            raise
         self.fetched_bytes += sum(payload_bytes(v) for v in values)
         return values
 

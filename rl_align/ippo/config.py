@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from policies import PolicyConfig
 from rewards import RewardConfig
+from rewards.client import RetryPolicy
 from rl_align.ippo.rollout import RolloutConfig
 from rl_align.ippo.learner import LearnerConfig
 from rl_align.core.runs import RunConfig
@@ -33,13 +34,32 @@ class WorkerConfig:
     # three actors of the quickstart share a 2-core machine.
     cpus_per_worker: float = 0.5
     torch_threads: int = 1  # per actor; several actors share a node's cores
-    max_restarts: int = 3  # restarts of a dead actor before the run fails
+    max_restarts: int = 3  # restarts of a dead (or hung, see *_timeout_s) actor before the run fails
     reward_url: str = ""  # score through a running reward server (http://host:port) instead of in-process models
     reward_token_env: str = "RL_ALIGN_REWARD_TOKEN"  # environment variable holding that server's bearer token
+    # Each request to that server retries within this budget, logging every failed attempt, so a restart of
+    # the server within it is ridden out; beyond it the run saves a checkpoint and stops (resume it with --resume).
+    reward_retry: RetryPolicy = field(default_factory=lambda: RetryPolicy(attempts=30, backoff_s=1.0, max_backoff_s=30.0, deadline_s=300.0))
+    reward_request_timeout_s: float = 120.0  # one HTTP request
+    # Hang detection: a rollout or reward worker whose calls make no progress for this long is restarted and
+    # its calls retried (logged); a learner that does not answer an update within update_timeout_s stops the
+    # run (learners hold the optimizer state; the run resumes from its last checkpoint).
+    rollout_timeout_s: float = 900.0
+    reward_timeout_s: float = 900.0
+    update_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         if min(self.rollout_workers, self.reward_workers, self.learners) < 1:
             raise ValueError("rollout_workers, reward_workers and learners must all be >= 1")
+        if min(self.gpus_per_rollout_worker, self.gpus_per_reward_worker, self.gpus_per_learner, self.cpus_per_worker) < 0:
+            raise ValueError("gpus_per_* and cpus_per_worker must be >= 0")
+        if min(self.rollout_timeout_s, self.reward_timeout_s, self.update_timeout_s, self.reward_request_timeout_s) <= 0:
+            raise ValueError("rollout_timeout_s, reward_timeout_s, update_timeout_s and reward_request_timeout_s must be > 0")
+        if self.reward_url and self.reward_timeout_s <= self.reward_retry.deadline_s + self.reward_request_timeout_s:
+            raise ValueError(
+                f"reward_timeout_s ({self.reward_timeout_s:g}) must exceed reward_retry.deadline_s + reward_request_timeout_s "
+                f"({self.reward_retry.deadline_s + self.reward_request_timeout_s:g}), or a reward worker riding out an outage is restarted"
+            )
 
     def required(self) -> dict[str, float]:
         """Ray resources all actors need together."""

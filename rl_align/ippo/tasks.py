@@ -10,9 +10,10 @@ Two sources behind one interface, both deterministic in (seed, iteration, group)
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
@@ -20,7 +21,7 @@ from PIL import Image
 from rewards.types import SUBJECT_KINDS, ReferenceSubject
 from rl_align.core.errors import ManifestError
 from rl_align.core.jsonl import json_objects
-from rl_align.core.synthetic import render_reference, sample_subjects, scene_prompt
+from rl_align.core.synthetic import SHAPES, render_reference, sample_subjects, scene_prompt
 from samplers.noise import key_seed
 
 
@@ -37,6 +38,10 @@ class Task:
 
 class TaskSource(Protocol):
     def task(self, iteration: int, group: int) -> Task: ...
+
+    def check_categories(self, known: Sequence[str]) -> None:
+        """Raise ManifestError naming the first task whose reference category is not in ``known`` (the
+        policy's condition_categories), so a condition-id run fails at start-up, not when it is sampled."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,11 @@ class SyntheticShapeTasks:
         references = tuple(ReferenceSubject(render_reference(s, self.cfg.reference_size), "object", s.caption) for s in subjects)
         return Task(scene_prompt(subjects), references, tuple(s.shape for s in subjects))
 
+    def check_categories(self, known: Sequence[str]) -> None:
+        missing = sorted(set(SHAPES) - set(known))
+        if missing:
+            raise ManifestError(f"the synthetic tasks have shape categories {missing} that policy.condition_categories {list(known)} lacks")
+
 
 class ManifestTasks:
     """All tasks of a manifest, validated and loaded at start-up (a bad line fails before training)."""
@@ -73,9 +83,17 @@ class ManifestTasks:
         self.path, self.seed = Path(path), seed
         if not self.path.is_file():
             raise ManifestError(f"task manifest {self.path} does not exist (expected a JSON Lines file of prompts and references)")
-        self.tasks = [self._parse(where, record) for where, record in json_objects(self.path)]
-        if not self.tasks:
+        parsed = [(where, self._parse(where, record)) for where, record in json_objects(self.path)]
+        if not parsed:
             raise ManifestError(f"{self.path}: no tasks")
+        self.lines = [where for where, _ in parsed]  # "file:line" of each task
+        self.tasks = [task for _, task in parsed]
+
+    def check_categories(self, known: Sequence[str]) -> None:
+        for where, task in zip(self.lines, self.tasks):
+            for i, category in enumerate(task.categories or ()):
+                if category not in known:
+                    raise ManifestError(f"{where}: references[{i}].category {category!r} has no condition id; policy.condition_categories is {list(known)}")
 
     def _parse(self, where: str, record: dict) -> Task:
         unknown = sorted(set(record) - TASK_KEYS)
@@ -100,8 +118,10 @@ class ManifestTasks:
             if not image_path.is_file():
                 raise ManifestError(f"{field}.image: file {image_path} does not exist")
             try:
-                image = np.asarray(Image.open(image_path).convert("RGB"))
-            except OSError as exc:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)  # a bomb is a bad line, not a warning
+                    image = np.asarray(Image.open(image_path).convert("RGB"))
+            except (OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
                 raise ManifestError(f"{field}.image: cannot read {image_path} as an image ({exc})") from None
             subjects.append(ReferenceSubject(image, ref["kind"], str(ref.get("caption", ""))))
             category = ref.get("category")

@@ -16,29 +16,36 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import ExitStack
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, NoReturn, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from policies.policy import read_adapter_description
 from rewards import RewardResult
-from rl_align.core.checkpoints import load_checkpoint, save_checkpoint
+from rl_align.core.checkpoints import load_checkpoint, remove_stale_files, save_checkpoint
 from rl_align.core.config import save_config
-from rl_align.core.runs import RunResult, create_run_dir, setup_logging
+from rl_align.core.errors import ManifestError, RunStopped, SetupError
+from rl_align.core.runs import RunLock, RunResult, create_run_dir, record_resume, resume_changes, setup_logging
 from rl_align.core.tiny_base import ensure_base
 from rl_align.core.tracking import MetricsLog, due, plot_curves, read_metrics, save_image_grid
-from rl_align.ippo.actors import RayWorkers
+from rl_align.ippo.actors import RayWorkers, WorkerTimeout
 from rl_align.ippo.advantages import group_advantages, weighted_component_advantages
 from rl_align.ippo.config import GSPOTrainConfig
 from rl_align.ippo.learner import LearnerConfig, UpdateStats, minibatch_plan
 from rl_align.ippo.tasks import Task, TaskSource, build_task_source
-from rl_align.ippo.workers import Handle, Workers
+from rl_align.ippo.workers import Handle, RewardServerFailure, Workers
 from samplers import GroupKey
 
 log = logging.getLogger("train_gspo")
 PLOTTED = ["reward/mean", "loss", "grad_norm", "offpolicy/ratio_max_deviation", "offpolicy/clip_fraction", "offpolicy/expert_flip_rate"]
+# The keys a resume may change (rl_align.core.runs.resume_changes): the run's length, its outputs, the
+# workers' placement, and the warm start (unused on resume). Every other key (run.seed, policy, base,
+# sampler, rollout, reward, learner, tasks) shapes the trained state or how the run continues it.
+RESUMABLE = ("iterations", "init_adapters", "run.output_root", "run.name", "output", "workers")
 
 
 class LaunchedChunk(NamedTuple):
@@ -171,25 +178,38 @@ def save_samples(workers: Workers, result: IterationResult, path: Path, columns:
     save_image_grid(images, path, columns=columns, captions=[f"{float(r):.3f}" for r in result.rewards.rewards])
 
 
-def open_run(cfg: GSPOTrainConfig, resume: Path | None) -> Path:
-    """The run folder with config.yaml and policy.yaml (the policy as trained, for evaluation and
-    generation with the run's adapters)."""
+def open_run(cfg: GSPOTrainConfig, resume: Path | None, held: ExitStack) -> Path:
+    """The run folder, locked for this process until ``held`` closes (RunFolderError naming the PID that
+    holds it). A new run gets config.yaml and policy.yaml (the policy as trained, for evaluation and
+    generation with the run's adapters). A resume changes nothing in the folder before ``restore`` has
+    loaded its checkpoint: it refuses a config that differs from the saved one outside RESUMABLE
+    (RunFolderError naming the keys) and removes what interrupted checkpoint saves left."""
     if resume is not None:
-        save_config(cfg, resume / "config.yaml")
         run_dir = resume
+        held.enter_context(RunLock(run_dir))
+        resume_changes(run_dir, cfg, RESUMABLE)
     else:
         run_dir = create_run_dir(cfg.run, cfg, prefix="gspo")
-    save_config(cfg.policy, run_dir / "policy.yaml")
+        held.enter_context(RunLock(run_dir))
+        save_config(cfg.policy, run_dir / "policy.yaml")
     setup_logging(run_dir)
     log.info("run folder %s", run_dir.resolve())
+    if resume is not None:
+        remove_stale_files(run_dir)
     return run_dir
 
 
 def restore(workers: Workers, cfg: GSPOTrainConfig, run_dir: Path, resume: bool) -> int:
-    """Iterations already done: a resumed run's checkpoint, else 0 after an optional warm start."""
+    """Iterations already done: a resumed run's newest intact checkpoint, loaded into the workers before
+    the resume's config changes are written (``record_resume``); else 0 after an optional warm start.
+    Raises SetupError when a resumed run has no checkpoint, RunFolderError when none is intact."""
     if resume:
-        checkpoint = load_checkpoint(run_dir)
+        try:
+            checkpoint = load_checkpoint(run_dir)
+        except FileNotFoundError as exc:
+            raise SetupError(str(exc)) from None
         workers.restore(checkpoint)
+        record_resume(run_dir, cfg, checkpoint.completed)
         log.info("resumed after iteration %d (window %s)", checkpoint.completed, cfg.sampler.window(checkpoint.completed, cfg.run.seed))
         return checkpoint.completed
     if cfg.init_adapters:
@@ -198,15 +218,47 @@ def restore(workers: Workers, cfg: GSPOTrainConfig, run_dir: Path, resume: bool)
     return 0
 
 
+def check_inputs(cfg: GSPOTrainConfig) -> TaskSource:
+    """What can be checked before a run folder or a worker exists: the model and warm-start folders, the
+    task manifest (every line), and each task category's condition id. Raises SetupError naming the key."""
+    policy = cfg.policy
+    if policy.source == "local" and not (cfg.base.build_if_missing or Path(policy.path).is_dir()):
+        raise SetupError(f"policy.path {policy.path} is not a folder (expected a local diffusers folder, e.g. FLUX.1-dev)")
+    if cfg.init_adapters:
+        try:
+            read_adapter_description(cfg.init_adapters)
+        except (FileNotFoundError, ValueError) as exc:
+            raise SetupError(f"init_adapters: {exc}") from None
+    try:
+        tasks = build_task_source(cfg.tasks, cfg.run.seed)
+        if policy.position_scheme == "condition_id":
+            tasks.check_categories(policy.condition_categories)
+    except ManifestError as exc:
+        raise SetupError(str(exc)) from None
+    return tasks
+
+
+def stop(workers: Workers, cfg: GSPOTrainConfig, run_dir: Path, completed: int, reason: str) -> NoReturn:
+    """Save the state after ``completed`` iterations and stop the run, saying how to resume it."""
+    save_checkpoint(run_dir, workers.checkpoint(completed), keep=cfg.output.keep_checkpoints)
+    raise RunStopped(f"{reason}; the run stopped with a checkpoint after iteration {completed}: resume it with python scripts/train_gspo.py --resume {run_dir}")
+
+
 # ---- the recipe -----------------------------------------------------------------------------------------
 
 
 def train(cfg: GSPOTrainConfig, resume: Path | None = None) -> RunResult:
     """Run ``cfg.iterations`` IPPO iterations on a Ray cluster (continuing the run folder ``resume`` after
-    its newest checkpoint). Raises SetupError when the cluster cannot hold the workers."""
-    run_dir = open_run(cfg, resume)
+    its newest intact checkpoint). Raises SetupError when the cluster cannot hold the workers, and its
+    RunFolderError when the run folder cannot be used or written."""
+    with ExitStack() as held:  # the run folder's lock, until the run ends
+        return _train(cfg, resume, held)
+
+
+def _train(cfg: GSPOTrainConfig, resume: Path | None, held: ExitStack) -> RunResult:
+    tasks = check_inputs(cfg)
+    run_dir = open_run(cfg, resume, held)
     ensure_base(cfg.policy, cfg.base)
-    tasks = build_task_source(cfg.tasks, cfg.run.seed)
     workers = RayWorkers(cfg)
     try:
         start = restore(workers, cfg, run_dir, resume is not None)
@@ -215,7 +267,12 @@ def train(cfg: GSPOTrainConfig, resume: Path | None = None) -> RunResult:
         progress = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="IPPO", dynamic_ncols=True)
         for iteration in progress:
             fetched_before = workers.fetched_bytes
-            result = run_iteration(workers, cfg, tasks, iteration, iteration, adapters)
+            try:
+                result = run_iteration(workers, cfg, tasks, iteration, iteration, adapters)
+            except RewardServerFailure as exc:  # no update was taken: the state after `iteration` iterations
+                stop(workers, cfg, run_dir, iteration, str(exc))
+            except WorkerTimeout as exc:  # the learners cannot be asked for a checkpoint
+                raise RunStopped(f"{exc}; resume the run from its last checkpoint: python scripts/train_gspo.py --resume {run_dir}") from None
             adapters = result.adapters
             if due(iteration, cfg.output.sample_every, cfg.iterations - 1):  # the rollouts of a policy after `iteration` updates
                 save_samples(workers, result, run_dir / "samples" / f"iteration-{iteration:08d}.png", cfg.rollout.group_size)

@@ -17,10 +17,11 @@ import torch
 
 from policies import Conditioning, FluxPolicy, PolicyConfig
 from rewards import RewardConfig, RewardResult, ScoreBatch, build_reward
+from rewards.client import RewardClient, RewardServerError
 from rl_align.core.checkpoints import Checkpoint
 from rl_align.core.distributed import Communicator
 from rl_align.core.optim import make_optimizer
-from rl_align.ippo.config import GSPOTrainConfig
+from rl_align.ippo.config import GSPOTrainConfig, WorkerConfig
 from rl_align.ippo.learner import GroupTransitions, LearnerConfig, UpdateStats, policy_update
 from rl_align.ippo.rollout import ChunkRollout, ChunkTransitions, ReferenceVelocity, RolloutConfig, rollout_chunk, task_conditioning
 from rl_align.ippo.tasks import Task
@@ -39,6 +40,12 @@ class RolloutRunner:
 
     def __init__(self, policy_cfg: PolicyConfig, sampler_cfg: SamplerConfig, rollout_cfg: RolloutConfig, device: torch.device):
         self.policy = FluxPolicy.from_config(policy_cfg).to(device).eval()
+        for name in ("image_size", "reference_size"):  # at start-up, not at the first rollout
+            size = getattr(rollout_cfg, name)
+            try:
+                self.policy.latent_shape(size, size)
+            except ValueError as exc:
+                raise ValueError(f"rollout.{name}: {exc}") from None
         self.sampler_cfg, self.rollout_cfg = sampler_cfg, rollout_cfg
         self.version: int | None = None  # the adapter version loaded
 
@@ -51,20 +58,32 @@ class RolloutRunner:
         return rollout_chunk(self.policy, task, key, sample_ids, window, self.sampler_cfg, self.rollout_cfg)
 
 
+class RewardServerFailure(RuntimeError):
+    """The reward server refused a chunk (4xx) or stayed unreachable beyond the retry budget: the trainer
+    checkpoints and stops instead of training on missing rewards."""
+
+
 class RewardRunner:
-    """Scores images in-process with the composite reward, or through a reward server's client."""
+    """Scores images in-process with the composite reward, or through a reward server's client (with the
+    workers' retry budget and request timeout)."""
 
-    def __init__(self, reward_cfg: RewardConfig, url: str, token_env: str):
-        if url:
-            from rewards.client import RewardClient
-
-            self.model = RewardClient(url, token=os.environ.get(token_env) or None)
+    def __init__(self, reward_cfg: RewardConfig, workers: WorkerConfig):
+        self.remote = bool(workers.reward_url)
+        if self.remote:
+            self.model = RewardClient(
+                workers.reward_url, token=os.environ.get(workers.reward_token_env) or None,
+                timeout_s=workers.reward_request_timeout_s, retry=workers.reward_retry,
+            )
         else:
             self.model = build_reward(reward_cfg)
 
     def score(self, images: np.ndarray, task: Task) -> RewardResult:
         n = len(images)
-        return self.model.score(ScoreBatch(list(images), [task.prompt] * n, [task.references] * n))
+        batch = ScoreBatch(list(images), [task.prompt] * n, [task.references] * n)
+        try:
+            return self.model.score(batch)
+        except RewardServerError as exc:
+            raise RewardServerFailure(f"reward server: {exc}") from None
 
 
 class LearnerRank:
@@ -172,7 +191,7 @@ class LocalWorkers:
     def __init__(self, cfg: GSPOTrainConfig, device: str = "cpu"):
         device = torch.device(device)
         self.rollout_runner = RolloutRunner(cfg.policy, cfg.sampler, cfg.rollout, device)
-        self.reward_runner = RewardRunner(cfg.reward, cfg.workers.reward_url, cfg.workers.reward_token_env)
+        self.reward_runner = RewardRunner(cfg.reward, cfg.workers)
         self.learner = LearnerRank(cfg.policy, cfg.learner, cfg.rollout, device)
         self.fetched_bytes = 0
 

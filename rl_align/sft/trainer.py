@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
@@ -22,13 +23,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from policies import FluxPolicy
-from rl_align.core.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
+from rl_align.core.checkpoints import Checkpoint, load_checkpoint, remove_stale_files, save_checkpoint
 from rl_align.core.config import save_config
 from rl_align.core.distributed import Communicator, communicator_from_environment
-from rl_align.core.errors import ManifestError, SetupError
+from rl_align.core.errors import ManifestError, RunFolderError, SetupError
 from rl_align.core.images import images_to_uint8
 from rl_align.core.optim import make_optimizer
-from rl_align.core.runs import RunResult, create_run_dir, setup_logging
+from rl_align.core.runs import RunLock, RunResult, config_changes, create_run_dir, record_resume, resume_changes, setup_logging
 from rl_align.core.tracking import MetricsLog, due, plot_curves, read_metrics, save_image_grid
 from rl_align.sft.builders.synthetic import SYNTHETIC_CATEGORIES, build_synthetic_manifest
 from rl_align.sft.config import CurriculumConfig, SFTConfig
@@ -40,6 +41,10 @@ from samplers import flux_sigmas, ode_solve
 from samplers.noise import key_seed
 
 log = logging.getLogger("sft")
+# The keys a resume may change (rl_align.core.runs.resume_changes): the run's length, its outputs and the
+# warm start (unused on resume). Every other key (run.seed, stage, policy, data, timesteps, optim, idar,
+# diptych, routing, curriculum) shapes the trained state or how the run continues it.
+RESUMABLE = ("steps", "init_adapters", "run.output_root", "run.name", "output")
 
 
 class StepRecord(NamedTuple):
@@ -122,24 +127,45 @@ def subject_curriculum(stream: BatchStream, steps: int, c: CurriculumConfig) -> 
 # ---- phases ---------------------------------------------------------------------------------------------
 
 
-def prepare_run(cfg: SFTConfig, resume: Path | None, comm: Communicator) -> tuple[SFTConfig, Path]:
-    """The config with the stage's policy, and the run folder (created by rank 0 for a new run) holding
-    config.yaml and policy.yaml (the policy as trained, for train_gspo.py)."""
+def prepare_run(cfg: SFTConfig, resume: Path | None, comm: Communicator, held: ExitStack) -> tuple[SFTConfig, Path]:
+    """The config with the stage's policy, and the run folder, which rank 0 opens and locks until ``held``
+    closes (every rank raises its refusal: RunFolderError naming the PID that holds the lock, or the keys
+    a resume may not change). A new run's folder gets config.yaml and policy.yaml (the policy as trained,
+    for train_gspo.py). A resume changes nothing in the folder before ``restore`` has loaded its
+    checkpoint, except removing what interrupted checkpoint saves left."""
     trained_policy = stage_recipe(cfg.stage).trained_policy(cfg.policy)
-    changed = _changed_keys(cfg.policy, trained_policy, "policy")
+    changed = [f"{c.key}={c.new}" for c in config_changes(cfg.policy, trained_policy, "policy.")]
     cfg = dataclasses.replace(cfg, policy=trained_policy)
-    run_dir = resume
-    if run_dir is None and comm.main:
-        run_dir = create_run_dir(cfg.run, cfg, prefix=f"sft-{cfg.stage}")
-    run_dir = Path(comm.broadcast(str(run_dir) if comm.main else None))
+    opened: str | Exception | None = None
     if comm.main:
-        save_config(cfg, run_dir / "config.yaml")
-        save_config(cfg.policy, run_dir / "policy.yaml")
+        try:
+            opened = str(_open_run_dir(cfg, resume, held))
+        except RunFolderError as exc:
+            opened = exc
+    opened = comm.broadcast(opened)
+    if isinstance(opened, Exception):
+        raise opened
+    run_dir = Path(opened)
     setup_logging(run_dir if comm.main else None, logging.INFO if comm.main else logging.WARNING)
     log.info("run folder %s, stage %s, %d process(es) on %s", run_dir.resolve(), cfg.stage, comm.world, comm.device.type)
     if changed:
         log.info("stage %s trains this policy: %s", cfg.stage, ", ".join(changed))
+    if resume is not None and comm.main:
+        remove_stale_files(run_dir)
     return cfg, run_dir
+
+
+def _open_run_dir(cfg: SFTConfig, resume: Path | None, held: ExitStack) -> Path:
+    """Rank 0: the resumed run folder, locked, after checking ``cfg`` against its config.yaml; or a new
+    run folder, locked, with config.yaml and policy.yaml."""
+    if resume is not None:
+        held.enter_context(RunLock(resume))
+        resume_changes(resume, cfg, RESUMABLE)
+        return resume
+    run_dir = create_run_dir(cfg.run, cfg, prefix=f"sft-{cfg.stage}")
+    held.enter_context(RunLock(run_dir))
+    save_config(cfg.policy, run_dir / "policy.yaml")
+    return run_dir
 
 
 def build_streams(cfg: SFTConfig, run_dir: Path, objective: StageObjective, comm: Communicator) -> dict[str, BatchStream]:
@@ -170,8 +196,9 @@ def build_streams(cfg: SFTConfig, run_dir: Path, objective: StageObjective, comm
 
 def restore(resume: bool, run_dir: Path, cfg: SFTConfig, policy: FluxPolicy, optimizer: torch.optim.Optimizer,
             streams: dict[str, BatchStream], comm: Communicator) -> int:
-    """Steps already done: a resumed run's checkpoint (adapters, optimizer, this process's data position),
-    else 0 after an optional warm start from ``init_adapters``."""
+    """Steps already done: a resumed run's newest intact checkpoint (adapters, optimizer, this process's
+    data position), loaded before rank 0 writes the resume's config changes (``record_resume``); else 0
+    after an optional warm start from ``init_adapters``."""
     if not resume:
         if cfg.init_adapters:
             policy.load_adapters(cfg.init_adapters)
@@ -184,6 +211,8 @@ def restore(resume: bool, run_dir: Path, cfg: SFTConfig, policy: FluxPolicy, opt
     optimizer.load_state_dict(checkpoint.optimizer)
     for name, stream_state in checkpoint.data_positions[comm.rank].items():
         streams[name].load_state(stream_state)
+    if comm.main:
+        record_resume(run_dir, cfg, checkpoint.completed)
     log.info("resumed after step %d", checkpoint.completed)
     return checkpoint.completed
 
@@ -258,17 +287,19 @@ def adapter_checksum(policy: FluxPolicy) -> float:
 
 def train(cfg: SFTConfig, resume: Path | None = None) -> RunResult:
     """Run ``cfg.stage`` for ``cfg.steps`` steps (continuing the run folder ``resume`` after its newest
-    checkpoint); under torchrun every process calls this. Raises SetupError, ManifestError or
-    FileNotFoundError (a missing model folder) before the first step when the run cannot start."""
+    intact checkpoint); under torchrun every process calls this. Raises SetupError, ManifestError or
+    FileNotFoundError (a missing model folder) before the first step when the run cannot start, and
+    RunFolderError (a SetupError) when the run folder cannot be used or written."""
     comm = communicator_from_environment()
     try:
-        return _train(cfg, resume, comm)
+        with ExitStack() as held:  # rank 0: the run folder's lock, until the run ends
+            return _train(cfg, resume, comm, held)
     finally:
         comm.close()
 
 
-def _train(cfg: SFTConfig, resume: Path | None, comm: Communicator) -> RunResult:
-    cfg, run_dir = prepare_run(cfg, resume, comm)
+def _train(cfg: SFTConfig, resume: Path | None, comm: Communicator, held: ExitStack) -> RunResult:
+    cfg, run_dir = prepare_run(cfg, resume, comm, held)
     torch.manual_seed(cfg.run.seed)
     try:
         policy = FluxPolicy.from_config(cfg.policy).to(comm.device)
@@ -316,17 +347,6 @@ def _train(cfg: SFTConfig, resume: Path | None, comm: Communicator) -> RunResult
         summary = _summarize(run_dir)
     comm.barrier()
     return RunResult(run_dir, cfg.steps, run_dir / "adapters", summary)
-
-
-def _changed_keys(before, after, prefix: str) -> list[str]:
-    changes = []
-    for f in dataclasses.fields(before):
-        old, new = getattr(before, f.name), getattr(after, f.name)
-        if dataclasses.is_dataclass(old):
-            changes += _changed_keys(old, new, f"{prefix}.{f.name}")
-        elif old != new:
-            changes.append(f"{prefix}.{f.name}={new}")
-    return changes
 
 
 def _summarize(run_dir: Path) -> dict[str, float]:
