@@ -40,6 +40,45 @@ def moe_gate_weights(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     return probabilities * keep
 
 
+def moe_lora_delta(
+    hidden: torch.Tensor,
+    gate_weights: torch.Tensor,
+    experts: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """MoE-LoRA update with sparse top-k dispatch: delta(h) = scaling * sum_{e in experts(h)} w_e B_e A_e h,
+    computing only the chosen experts' LoRA for each token.
+
+    ``gate_weights`` are moe_gate_weights' output (zero outside the top-k), so this equals the dense
+    scaling * sum_e w_e B_e A_e h over all N_e experts, at k / N_e of its matmul work. The T * k
+    (token, slot) assignments are grouped by expert (stable sort: token order kept inside a group); each
+    expert runs two matmuls on its gathered rows x_e, down = x_e A_e^T and up = (w_e * down) B_e^T, and
+    up is added back to its tokens with index_add_. The gate weight multiplies inside the graph, so the
+    gate gets the same gradient through p as in the dense form. The group sizes are read on the host.
+
+    hidden (..., d_in), gate_weights (..., N_e), experts (..., k) int64, lora_A (N_e, r, d_in),
+    lora_B (N_e, d_out, r), all of one floating dtype -> (..., d_out)."""
+    num_experts, _, d_in = lora_A.shape
+    d_out, top_k = lora_B.shape[1], experts.shape[-1]
+    x = hidden.reshape(-1, d_in)  # (T, d_in)
+    chosen = experts.reshape(-1, top_k)  # (T, k)
+    weight = gate_weights.reshape(-1, num_experts).gather(1, chosen) * scaling  # (T, k)
+    chosen, weight = chosen.reshape(-1), weight.reshape(-1)  # (T k,) token-major assignments
+    order = torch.argsort(chosen, stable=True)  # (T k,) assignments grouped by expert, token order kept
+    tokens = order // top_k  # (T k,) token of each grouped assignment
+    counts = torch.bincount(chosen, minlength=num_experts).tolist()  # host sync: group sizes
+    delta = x.new_zeros(x.shape[0], d_out)  # (T, d_out)
+    # unbind (not indexing) so backward stacks the per-expert grads once instead of N_e full-size scatters;
+    # an expert without tokens runs on 0 rows (no work) and so gets an exact zero grad, as in the dense form
+    groups = zip(tokens.split(counts), weight[order].split(counts), lora_A.unbind(0), lora_B.unbind(0))
+    for token_e, weight_e, a_e, b_e in groups:
+        down = F.linear(x.index_select(0, token_e), a_e)  # (n_e, r)
+        delta.index_add_(0, token_e, F.linear(down * weight_e[:, None], b_e))  # (n_e, d_out) added to tokens
+    return delta.reshape(*hidden.shape[:-1], d_out)
+
+
 def load_balancing_loss(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     """Switch Transformer auxiliary loss: N_e * sum_e f_e P_e, where f_e is the fraction of top-k
     assignments that go to expert e and P_e the mean router probability of e over tokens.
@@ -66,7 +105,7 @@ class MoELoRALinear(torch.nn.Module):
     """h_out = W h + sum_e p_e (alpha / r) B_e A_e h with p from moe_gate_weights (MultiCrafter Sec. 4.3).
 
     A_e start Kaiming-uniform and B_e at zero (as peft's LoRA), so the layer starts equal to its base.
-    Every expert is evaluated densely (N_e is small); experts outside the top-k have weight 0."""
+    Only each token's top-k experts are computed (moe_lora_delta's sparse dispatch)."""
 
     def __init__(self, base: torch.nn.Linear, cfg: MoELoRAConfig, context: ForwardContext):
         super().__init__()
@@ -90,10 +129,10 @@ class MoELoRALinear(torch.nn.Module):
             return self.base(hidden)
         adapter_input = hidden.to(self.lora_A.dtype)  # adapters may stay fp32 on a bf16 model
         logits = self.gate(adapter_input)  # (B, S, N_e)
-        weights = moe_gate_weights(logits, self.top_k)
-        down = torch.einsum("bsi,eri->bser", adapter_input, self.lora_A) * weights[..., None]
-        delta = torch.einsum("bser,eor->bso", down, self.lora_B) * self.scaling
-        self.context.record(RouterRecord(logits, logits.topk(self.top_k, dim=-1).indices))
+        weights = moe_gate_weights(logits, self.top_k)  # (B, S, N_e), zero outside the top-k
+        experts = logits.topk(self.top_k, dim=-1).indices  # (B, S, top_k)
+        delta = moe_lora_delta(adapter_input, weights, experts, self.lora_A, self.lora_B, self.scaling)
+        self.context.record(RouterRecord(logits, experts))
         output = self.base(hidden)
         return output + delta.to(output.dtype)
 

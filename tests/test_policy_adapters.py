@@ -18,7 +18,7 @@ from policies import (
     load_balancing_loss,
     moe_gate_weights,
 )
-from policies.adapters import DualBranchLoRALinear, ForwardContext, MoELoRALinear
+from policies.adapters import DualBranchLoRALinear, ForwardContext, MoELoRALinear, moe_lora_delta
 from policies.components import build_tiny_components
 from policies.ids import unpack_latents
 from policy_helpers import PROMPTS, conditioning, latents, randomize_adapters, tiny_policy, transformer_inputs
@@ -98,6 +98,136 @@ def test_moe_lora_layer_equals_the_paper_formula_with_one_expert_per_token():
     assert torch.equal(record.experts[..., 0], logits.argmax(dim=-1))
     layer(h)  # outside a policy call nothing is recorded (e.g. a checkpoint recompute in backward)
     assert len(router) == 1
+
+
+def _moe_delta_by_hand(h: torch.Tensor, logits: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, top_k: int) -> torch.Tensor:
+    """Brute force: for every token, sum over its top-k experts of p_e * scaling * B_e A_e h (raw softmax p)."""
+    p = torch.softmax(logits, dim=-1)
+    out = h.new_zeros(*h.shape[:-1], B.shape[1])
+    for b in range(h.shape[0]):
+        for s in range(h.shape[1]):
+            for e in torch.topk(logits[b, s], top_k).indices.tolist():
+                out[b, s] += p[b, s, e] * scaling * B[e] @ A[e] @ h[b, s]
+    return out
+
+
+def _moe_delta_dense(h: torch.Tensor, weights: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The previous dense formula: every expert evaluated, multiplied by the top-k-masked weights."""
+    down = torch.einsum("bsi,eri->bser", h, A) * weights[..., None]
+    return torch.einsum("bser,eor->bso", down, B) * scaling
+
+
+def _moe_layer(num_experts: int, top_k: int, d_in: int = 6, d_out: int = 5, rank: int = 3, seed: int = 0) -> tuple[MoELoRALinear, ForwardContext]:
+    torch.manual_seed(seed)
+    context = ForwardContext()
+    cfg = MoELoRAConfig(enabled=True, num_experts=num_experts, top_k=top_k, rank=rank, alpha=2.0 * rank)
+    layer = MoELoRALinear(torch.nn.Linear(d_in, d_out), cfg, context)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.gate.weight.normal_()
+    return layer, context
+
+
+@pytest.mark.parametrize("num_experts,top_k", [(3, 1), (5, 1), (4, 2), (5, 2)])
+def test_moe_lora_delta_equals_a_per_token_loop(num_experts, top_k):
+    torch.manual_seed(1)
+    h = torch.randn(2, 9, 6)  # two samples
+    logits = torch.randn(2, 9, num_experts)
+    A, B = torch.randn(num_experts, 3, 6), torch.randn(num_experts, 5, 3)
+    weights, experts = moe_gate_weights(logits, top_k), logits.topk(top_k, dim=-1).indices
+    delta = moe_lora_delta(h, weights, experts, A, B, 0.5)
+    assert delta.shape == (2, 9, 5)
+    torch.testing.assert_close(delta, _moe_delta_by_hand(h, logits, A, B, 0.5, top_k), rtol=1e-5, atol=1e-5)
+
+
+def test_moe_lora_layer_with_top_2_equals_the_per_token_loop_and_records_both_experts():
+    layer, context = _moe_layer(num_experts=4, top_k=2)
+    h = torch.randn(2, 7, 6)
+    with context.bound(TokenLayout(0, 7, ())) as router:
+        out = layer(h)
+    logits = h @ layer.gate.weight.T
+    with torch.no_grad():
+        expected = layer.base(h) + _moe_delta_by_hand(h, logits, layer.lora_A, layer.lora_B, layer.scaling, 2)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    (record,) = router
+    assert record.experts.shape == (2, 7, 2)
+    assert torch.equal(record.experts, logits.topk(2, dim=-1).indices)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_moe_lora_gradients_equal_the_dense_formula(top_k):
+    """Sparse dispatch vs the dense einsum, both through autograd: the gate must get the same gradient
+    through the raw probabilities, and A, B and the input theirs."""
+    layer, _ = _moe_layer(num_experts=4, top_k=top_k, d_in=8, d_out=6, rank=4, seed=2)
+    h = torch.randn(2, 11, 8, requires_grad=True)
+    cotangent = torch.randn(2, 11, 6)
+    wrt = [h, layer.lora_A, layer.lora_B, layer.gate.weight]
+
+    sparse = layer(h)
+    logits = layer.gate(h)
+    dense = layer.base(h) + _moe_delta_dense(h, moe_gate_weights(logits, top_k), layer.lora_A, layer.lora_B, layer.scaling)
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
+    sparse_grads = torch.autograd.grad((sparse * cotangent).sum(), wrt)
+    dense_grads = torch.autograd.grad((dense * cotangent).sum(), wrt)
+    for name, got, want in zip(["input", "lora_A", "lora_B", "gate"], sparse_grads, dense_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    assert sparse_grads[3].abs().sum() > 0
+
+
+@pytest.mark.parametrize("num_experts,top_k,allowed", [(4, 1, [1, 3]), (4, 1, [2]), (5, 2, [0, 2, 3])])
+def test_moe_lora_delta_handles_experts_without_tokens(num_experts, top_k, allowed):
+    """Routing that leaves experts empty: same value as the loop, and those experts get exact zero
+    gradients (tensors, not None), as in the dense form."""
+    torch.manual_seed(3)
+    h = torch.randn(2, 6, 6)
+    logits = torch.randn(2, 6, num_experts)
+    blocked = [e for e in range(num_experts) if e not in allowed]
+    logits[..., blocked] -= 100.0  # never in the top-k; their probability is ~0 anyway
+    A = torch.randn(num_experts, 3, 6, requires_grad=True)
+    B = torch.randn(num_experts, 5, 3, requires_grad=True)
+    weights, experts = moe_gate_weights(logits, top_k), logits.topk(top_k, dim=-1).indices
+    assert set(experts.unique().tolist()) <= set(allowed)
+    delta = moe_lora_delta(h, weights, experts, A, B, 0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(delta, _moe_delta_by_hand(h, logits, A, B, 0.5, top_k), rtol=1e-5, atol=1e-5)
+    grad_A, grad_B = torch.autograd.grad(delta.pow(2).sum(), [A, B])
+    assert torch.equal(grad_A[blocked], torch.zeros_like(grad_A[blocked]))
+    assert torch.equal(grad_B[blocked], torch.zeros_like(grad_B[blocked]))
+    assert grad_A[allowed].abs().sum() > 0 and grad_B[allowed].abs().sum() > 0
+
+    no_tokens = moe_lora_delta(h[:, :0], weights[:, :0], experts[:, :0], A, B, 0.5)
+    assert no_tokens.shape == (2, 0, 5)
+    grad_A, grad_B = torch.autograd.grad(no_tokens.sum(), [A, B])
+    assert torch.equal(grad_A, torch.zeros_like(A)) and torch.equal(grad_B, torch.zeros_like(B))
+
+
+def test_moe_lora_layer_on_a_bf16_base_keeps_fp32_adapters():
+    layer, context = _moe_layer(num_experts=4, top_k=1, d_in=8, d_out=6, rank=4, seed=4)
+    layer.base.to(torch.bfloat16)
+    h = torch.randn(2, 5, 8).to(torch.bfloat16).requires_grad_()
+    out = layer(h)
+    assert out.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
+    with torch.no_grad():
+        hf = h.float()
+        delta = _moe_delta_by_hand(hf, layer.gate(hf), layer.lora_A, layer.lora_B, layer.scaling, 1)
+        torch.testing.assert_close(out, layer.base(h) + delta.to(torch.bfloat16))
+    out.float().pow(2).sum().backward()
+    assert h.grad.dtype == torch.bfloat16 and torch.isfinite(h.grad).all()
+    for param in layer.adapter_parameters().values():
+        assert param.grad.dtype == torch.float32 and torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0
+
+
+def test_moe_lora_layer_is_batch_size_invariant():
+    """A sample's output must not depend on the rest of its batch (the RL ratio recomputes log-probs in
+    other batch splits): alone, together and reordered agree to fp32 rounding."""
+    layer, _ = _moe_layer(num_experts=4, top_k=2, d_in=32, d_out=24, rank=8, seed=5)
+    h = torch.randn(3, 16, 32)
+    with torch.no_grad():
+        together = layer(h)
+        alone = torch.cat([layer(h[i : i + 1]) for i in range(3)])
+        reordered = layer(h.flip(0)).flip(0)
+    torch.testing.assert_close(alone, together, rtol=0, atol=1e-5)
+    torch.testing.assert_close(reordered, together, rtol=0, atol=1e-5)
 
 
 def test_dual_branch_layer_leaves_prompt_tokens_alone():
