@@ -127,6 +127,9 @@ class FluxPolicy(torch.nn.Module):
             if cfg.lora.enabled:
                 self.transformer.add_adapter(peft_lora_config(cfg.lora), adapter_name=PEFT_ADAPTER_NAME)
                 cast_adapter_dtype(self.transformer, PEFT_ADAPTER_NAME)  # LoRA trains in fp32 on a bf16 model
+                for module in self.transformer.modules():  # peft froze every non-LoRA parameter, these included
+                    if isinstance(module, TemperatureMLP):
+                        module.requires_grad_(True)
             if cfg.moe_lora.enabled:
                 install_moe_lora(self.transformer, cfg.moe_lora, self.forward_context)
             if cfg.dual_branch.enabled:

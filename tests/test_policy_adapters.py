@@ -423,3 +423,17 @@ def test_loading_a_lora_file_with_missing_tensors_is_an_error(tmp_path):
     save_file(state, str(path))
     with pytest.raises(ValueError, match="missing .*transformer_blocks.0.attn.to_q.lora_A"):
         tiny_policy().load_adapters(tmp_path)
+
+
+def test_attention_temperature_mlps_train_next_to_plain_lora():
+    """One-for-All's Dynamic Attention Modulation trains with the LoRA: peft's add_adapter freezes every
+    non-LoRA parameter, which used to include the temperature MLPs (0 of them trainable)."""
+    from policies import AttentionConfig, FluxPolicy, PolicyConfig
+    from policies.attention import TemperatureMLP
+
+    policy = FluxPolicy.from_config(PolicyConfig(attention=AttentionConfig(temperature=True)))
+    temperature = [p for m in policy.transformer.modules() if isinstance(m, TemperatureMLP) for p in m.parameters()]
+    trainable = {id(p) for p in policy.trainable_parameters()}
+    assert temperature and all(id(p) in trainable for p in temperature)
+    block = policy.transformer.transformer_blocks[0]
+    assert not block.attn.to_q.base_layer.weight.requires_grad and not block.ff.net[2].base.weight.requires_grad  # the base stays frozen

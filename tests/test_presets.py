@@ -23,7 +23,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 # MultiCrafter (multicrafter.txt Sec. 5.1 "Implementation Details" and Appendix B).
 MULTICRAFTER_POLICY = {
-    "position_scheme": "uno",
+    "position_scheme": "uno", "dtype": "bfloat16",  # not a paper number: FLUX.1-dev's own precision
     "lora.enabled": True, "lora.rank": 512,  # "each LoRA module's rank to r=512"
     "moe_lora.enabled": True, "moe_lora.num_experts": 4, "moe_lora.top_k": 1, "moe_lora.rank": 512,  # "4 experts and activate 1"
 }
