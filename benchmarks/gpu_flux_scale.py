@@ -14,9 +14,8 @@ Measured, each as warm-up 1 + --steps timed repeats (median):
   CPU the process's peak RSS (VmHWM after a /proc/self/clear_refs reset) above its RSS before the model was built
   (weights included; it also holds the tokenizers and what the allocator caches, so at the reduced width it sits
   far above the plan: the CPU run shows that the script works, not the memory model)
-- the plan: benchmarks/memory_plan.py's activation model (count_parameters, training_activations,
-  inference_peak_bytes) when it can be imported, else only the parameter-based static estimate
-  (base b B/param + adapters 4 B + gradients 4 B + AdamW 8 B per trainable parameter)
+- the plan: benchmarks/memory_plan.py's parameter count and activation model (count_parameters,
+  training_activations, inference_peak_bytes)
 - FLOPs from the shapes of the built model, per call: 2 d_in d_out S for every linear on its S tokens (base, LoRA
   A and B, MoE gate and the top-k active experts), attention 4 L^2 d per block (QK^T and AV) for the
   L = text + noisy + reference tokens; training counts backward = 2 x forward and checkpointing one more
@@ -304,66 +303,42 @@ class MemoryMeter:
 
 
 def load_memory_plan():
-    """benchmarks/memory_plan.py as a module, or the reason it cannot be used."""
-    path = ROOT / "benchmarks" / "memory_plan.py"
-    if not path.is_file():
-        return None, "benchmarks/memory_plan.py does not exist yet"
-    try:
-        name = "_gpu_flux_scale_memory_plan"  # registered (its dataclasses need it) under a name nobody else imports
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-        for attribute in ("count_parameters", "training_activations", "inference_peak_bytes", "Tokens", "FluxShape"):
-            getattr(module, attribute)
-    except Exception as error:  # the plan is being written alongside: any failure only turns the comparison off
-        return None, f"benchmarks/memory_plan.py cannot be used ({type(error).__name__}: {error})"
-    return module, ""
+    """benchmarks/memory_plan.py as a module (the benchmarks are files, not a package)."""
+    name = "_gpu_flux_scale_memory_plan"  # registered (its dataclasses need it) under a name nobody else imports
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "memory_plan.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @dataclass
 class Plan:
-    """Predicted peak bytes per measurement (None: no prediction) and what the prediction is."""
+    """Predicted peak bytes per measurement and where the prediction comes from."""
 
     source: str
-    rollout: float | None
-    learner: float | None
-    optimizer_step: float | None
+    rollout: float
+    learner: float
+    optimizer_step: float
     static_learner: float  # resident during a learner step: weights, adapters, text encoders + VAE, grads, AdamW
 
 
 def make_plan(policy: FluxPolicy, shape: Shape, layout: TokenLayout, batch: int, window: int, checkpointing: bool,
               base_bytes: int, encoders: int, batch_bytes: int) -> Plan:
-    """Predicted peaks: rollout = weights + adapters + text encoders/VAE + one no-grad forward; learner = that +
-    gradients + AdamW states + the batch + the activations of ``window`` forwards; optimizer step = the static part
-    + the fp32 gradient-sized transient. The activation terms come from memory_plan when it is importable."""
-    trainable = sum(p.numel() for p in policy.trainable_parameters())
-    adapter_ids = {id(p) for p in policy.trainable_parameters()}
-    adapters = trainable + sum(p.numel() for p in _frozen_adapter_parameters(policy))
-    base = sum(p.numel() for p in policy.transformer.parameters() if id(p) not in adapter_ids) - (adapters - trainable)
-    weights = base_bytes * base + 4 * adapters + encoders
-    static = weights + 4 * trainable + 8 * trainable + batch_bytes
-    module, reason = load_memory_plan()
-    if module is None:
-        return Plan(f"parameter-based estimate only; memory_plan comparison pending: {reason}", None, None, static + 4 * trainable, static)
-    try:
-        params = module.count_parameters(policy)
-        plan_shape = module.FluxShape(**{f.name: getattr(shape, f.name) for f in dataclasses.fields(shape)}, axes_dims_rope=shape.axes_dims_rope)
-        tokens = module.Tokens(layout.text, layout.noisy, tuple(layout.references), layout.prompt)
-        act = module.training_activations(plan_shape, params, tokens, base_bytes, batch, window)
-        activations = act.checkpointing if checkpointing else act.no_checkpointing
-        inference = module.inference_peak_bytes(plan_shape, params, tokens, base_bytes, batch)
-        weights = base_bytes * params.base + 4 * params.adapters + encoders
-        static = weights + 12 * params.trainable + batch_bytes
-        return Plan("benchmarks/memory_plan.py (count_parameters, training_activations, inference_peak_bytes)",
-                    weights + inference, static + activations, static + 4 * params.trainable, static)
-    except Exception as error:
-        return Plan(f"parameter-based estimate only; memory_plan failed ({type(error).__name__}: {error})", None, None,
-                    static + 4 * trainable, static)
+    """Predicted peaks (memory_plan's parameter count and activation model): rollout = weights + adapters +
+    text encoders/VAE + one no-grad forward; learner = that + gradients + AdamW states + the batch + the
+    activations of ``window`` forwards; optimizer step = the static part + the fp32 gradient-sized transient."""
+    module = load_memory_plan()
+    params = module.count_parameters(policy)
+    plan_shape = module.FluxShape(**{f.name: getattr(shape, f.name) for f in dataclasses.fields(shape)}, axes_dims_rope=shape.axes_dims_rope)
+    tokens = module.Tokens(layout.text, layout.noisy, tuple(layout.references), layout.prompt)
+    act = module.training_activations(plan_shape, params, tokens, base_bytes, batch, window)
+    activations = act.checkpointing if checkpointing else act.no_checkpointing
+    inference = module.inference_peak_bytes(plan_shape, params, tokens, base_bytes, batch)
+    weights = base_bytes * params.base + 4 * params.adapters + encoders
+    static = weights + 12 * params.trainable + batch_bytes
+    return Plan("benchmarks/memory_plan.py (count_parameters, training_activations, inference_peak_bytes)",
+                weights + inference, static + activations, static + 4 * params.trainable, static)
 
 
 def _frozen_adapter_parameters(policy: FluxPolicy) -> list[torch.nn.Parameter]:

@@ -68,8 +68,7 @@ class RewardRunner:
     workers' retry budget and request timeout)."""
 
     def __init__(self, reward_cfg: RewardConfig, workers: WorkerConfig):
-        self.remote = bool(workers.reward_url)
-        if self.remote:
+        if workers.reward_url:
             self.model = RewardClient(
                 workers.reward_url, token=os.environ.get(workers.reward_token_env) or None,
                 timeout_s=workers.reward_request_timeout_s, retry=workers.reward_retry,
