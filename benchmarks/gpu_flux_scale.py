@@ -7,7 +7,7 @@ Measured, each as warm-up 1 + --steps timed repeats (median):
   conditioning), plus the SDE step with its log-prob (samplers.sde_step_with_logprob), as a rollout worker takes it
 - learner step: the real IPPO path over a window of 2 stored transitions (rl_align.ippo.learner.window_log_probs
   + rl_align.ippo.losses.gspo_objective, backward), with activation checkpointing
-  (``transformer.enable_gradient_checkpointing()``), then the optimizer step (rl_align.core.optim.apply_step:
+  (``FluxPolicy.enable_block_checkpointing()``, what learner.checkpoint_blocks turns on), then the optimizer step (rl_align.core.optim.apply_step:
   grad-norm clip + AdamW) timed apart. AdamW's states are resident before the timed repeats (the warm-up step
   creates them), as in a learner after its first update
 - peak memory: torch.cuda.max_memory_allocated on CUDA (allocator peak, not counting the CUDA context); on the
@@ -606,7 +606,7 @@ def measure_learner(policy: FluxPolicy, args: argparse.Namespace, cond, transiti
     device = policy.device
     cfg = LearnerConfig()
     if not args.no_checkpointing:
-        policy.transformer.enable_gradient_checkpointing()
+        policy.enable_block_checkpointing()
     trainable = policy.trainable_parameters()
     optimizer = make_optimizer(trainable, cfg) if args.optimizer == "adamw" else None
     advantages = torch.ones(args.batch, device=device)

@@ -4,6 +4,7 @@ and that model checked against reduced-width models measured on the CPU.
     python benchmarks/memory_plan.py --config configs/ippo_multi_human.yaml
     python benchmarks/memory_plan.py --all                                # every IPPO and SFT paper preset
     python benchmarks/memory_plan.py --all --base-dtype bfloat16 --shard-adapters --no-validate
+    python benchmarks/memory_plan.py --config configs/ippo_multi_human.yaml learner.sharding=replicate   # what-if
 
 Parameters. The preset's policy is built as ``policies.FluxPolicy`` builds it (``FluxPolicy(components, cfg)``:
 peft LoRA through ``transformer.add_adapter`` + ``cast_adapter_dtype``, ``install_moe_lora``,
@@ -22,21 +23,24 @@ adapter parameters), b = bytes of the base dtype (``policy.dtype`` unless --base
 (workers.learners; --sft-processes for the SFT presets):
 
 - learner (IPPO) and SFT process
-  weights          b P_base, / N with --shard-base (FSDP-style; the code today replicates)
+  weights          b P_base, / N with learner.sharding fsdp (FluxPolicy.shard_transformer) or --shard-base
   text enc. + VAE  b (P_T5 + P_CLIP + P_VAE): the code builds the whole FluxPolicy on every learner
                    (``FluxPolicy.from_config(cfg).to(device)``) and encodes prompts and references there
   adapters         4 P_ad (fp32 master: ``cast_adapter_dtype``; custom adapters are created in fp32), / N with
-                   --shard-adapters (FSDP2 / ZeRO-3-like: parameters, gradients and optimizer states sharded)
-  gradients        4 P_tr, / N with --shard-adapters
-  AdamW states     8 P_tr (exp_avg + exp_avg_sq, fp32), / N with --shard-adapters
+                   learner.sharding fsdp or --shard-adapters (FSDP2: parameters, gradients and optimizer states sharded)
+  gradients        4 P_tr, / N when sharded
+  AdamW states     8 P_tr (exp_avg + exp_avg_sq, fp32), / N when sharded
+  FSDP gathers     when sharded, 2 (b base + 4 adapters) of the largest block (the one in use and the one
+                   prefetched) + 4 trainable of that block (its whole gradients before the reduce-scatter),
+                   alongside the activations
   activations      the autograd graph of one learner chunk: IPPO recomputes the window's W = sampler.window_size
                    steps of one rollout chunk (rollout.chunk_size samples) and back-propagates them together
                    (``rl_align.ippo.learner.policy_update``: one chunk's graph at a time, so the minibatch size
                    does not multiply it); SFT one forward of data.batch_size samples. Per forward and sample,
                    tokens L = text (512 T5 tokens + MUSAR caption tokens) + (H/16)(W/16) + sum_i (R/16)^2.
                    Without checkpointing: the sum over blocks of ``block_saved_bytes`` (below) plus the
-                   outside-block terms. With block checkpointing (torch.utils.checkpoint per block, as
-                   diffusers' ``enable_gradient_checkpointing``): every block keeps only its inputs (b d L per
+                   outside-block terms. With block checkpointing (learner.checkpoint_blocks:
+                   ``FluxPolicy.enable_block_checkpointing``, torch.utils.checkpoint per block): every block keeps only its inputs (b d L per
                    sample) plus the outside-block terms, and one block's full activations exist during its
                    recompute. A backward working set of half the largest block's activations (gradients of a
                    block's saved tensors coexist with them while it is back-propagated; measured 0.3-0.55 on
@@ -357,6 +361,8 @@ class ParamCount:
     groups: dict[str, GroupCount]
     linears: list[AdaptedLinear]
     temperature_hidden: int = 0  # One-for-All: width of the temperature MLPs (0: none)
+    # the block with the most parameters (a double block): (base, adapters, trainable adapters)
+    largest_block: tuple[int, int, int] = (0, 0, 0)
 
     @property
     def temperature_trainable(self) -> bool:
@@ -404,11 +410,20 @@ def count_parameters(policy: FluxPolicy) -> ParamCount:
         groups["attention temperature MLPs"] = temperature
     everything = list(policy.transformer.parameters())
     adapter_params = [p for p in everything if id(p) in adapter_ids]
+
+    def block_count(block: torch.nn.Module) -> tuple[int, int, int]:
+        params = list(block.parameters())
+        adapters = [p for p in params if id(p) in adapter_ids]
+        return (sum(p.numel() for p in params if id(p) not in adapter_ids), sum(p.numel() for p in adapters),
+                sum(p.numel() for p in adapters if p.requires_grad))
+
+    blocks = [*policy.transformer.transformer_blocks, *policy.transformer.single_transformer_blocks]
     return ParamCount(
         base=sum(p.numel() for p in everything if id(p) not in adapter_ids),
         adapters=sum(p.numel() for p in adapter_params),
         trainable=sum(p.numel() for p in adapter_params if p.requires_grad),
         groups=groups, linears=linears, temperature_hidden=hidden,
+        largest_block=max((block_count(block) for block in blocks), key=lambda c: c[0] + c[1], default=(0, 0, 0)),
     )
 
 
@@ -604,6 +619,7 @@ class Options:
     references: int = 2
     sft_processes: int = 8
     aspect: float = 1.0
+    overrides: tuple[str, ...] = ()  # key=value overrides of every preset, as on the trainers' command lines
 
 
 @dataclass
@@ -616,6 +632,13 @@ class Plan:
     params: ParamCount
     policy_key: str
     notes: list[str] = field(default_factory=list)
+    column: int = 0  # the column the preset runs with: 0 without, 1 with block checkpointing
+    checkpointing_key: str = ""  # the preset's key that sets it
+
+    @property
+    def fits(self) -> bool:
+        """Whether the preset fits as configured."""
+        return self.verdict[self.column]
 
 
 def _resolve(path: str) -> Path:
@@ -629,14 +652,14 @@ def _display(path: str) -> str:
     return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(resolved)
 
 
-def _load(path: str):
+def _load(path: str, overrides: Sequence[str] = ()):
     from rl_align.ippo.config import GSPOTrainConfig
     from rl_align.sft.config import SFTConfig
 
     path = str(_resolve(path))
     text = Path(path).read_text()
     is_sft = any(line.startswith("stage:") for line in text.splitlines())
-    return (SFTConfig if is_sft else GSPOTrainConfig), load_config(SFTConfig if is_sft else GSPOTrainConfig, path)
+    return (SFTConfig if is_sft else GSPOTrainConfig), load_config(SFTConfig if is_sft else GSPOTrainConfig, path, overrides)
 
 
 def _policy_key(cfg: PolicyConfig) -> str:
@@ -678,6 +701,14 @@ def learner_lines(role: str, params: ParamCount, b: int, name_b: str, shards: in
     ad_div = shards if opts.shard_adapters else 1
     base_note = f"sharded / {shards}" if opts.shard_base else "replicated"
     ad_note = f"sharded / {shards}" if opts.shard_adapters else "replicated"
+    gathered = []
+    if shards > 1 and (opts.shard_base or opts.shard_adapters):
+        block_base, block_adapters, block_trainable = params.largest_block
+        # FSDP2 gathers a block whole for its forward and backward while prefetching the next one, and holds
+        # that block's whole fp32 gradients until they are reduce-scattered
+        unsharded = (b * block_base if opts.shard_base else 0) + (ADAPTER_BYTES * block_adapters if opts.shard_adapters else 0)
+        gathered.append(Line(role, "FSDP: 2 blocks gathered + 1 block's whole gradients", 2 * unsharded + 4 * block_trainable * opts.shard_adapters,
+                             kind="activations"))
     return [
         Line(role, f"base weights ({name_b}, {base_note})", b * params.base / base_div),
         Line(role, f"text encoders + VAE ({name_b}, frozen)", encoders),
@@ -687,6 +718,7 @@ def learner_lines(role: str, params: ParamCount, b: int, name_b: str, shards: in
         Line(role, "batch (latents + conditioning)", batch_bytes),
         Line(role, "CUDA context", CUDA_CONTEXT_GIB * GIB),
         Line(role, "activations (fwd + bwd)", act.no_checkpointing, act.checkpointing, kind="activations"),
+        *gathered,
         Line(role, "step transient (grad all-reduce / AdamW)", 4 * params.trainable / ad_div, kind="transient"),
     ]
 
@@ -703,7 +735,7 @@ def _peak(lines: Iterable[Line], role: str) -> tuple[float, float]:
 
 
 def plan_preset(path: str, opts: Options) -> Plan:
-    kind, cfg = _load(path)
+    kind, cfg = _load(path, opts.overrides)
     from rl_align.sft.config import SFTConfig
 
     is_sft = kind is SFTConfig
@@ -721,8 +753,14 @@ def plan_preset(path: str, opts: Options) -> Plan:
         if cfg.stage == "diptych":
             width, refs = 2 * width, 2  # two samples side by side, one reference each
         reference_size, batch, forwards, shards = cfg.data.reference_size, cfg.data.batch_size, 1, opts.sft_processes
+        column = 1 if cfg.checkpoint_blocks else 0  # scripts/sft.py replicates the policy (--shard-* are what-ifs)
+        checkpointing_key = "checkpoint_blocks"
     else:
         policy_cfg = cfg.policy
+        fsdp = cfg.learner.sharding == "fsdp" and cfg.workers.learners > 1  # FluxPolicy.shard_transformer: base and adapter state
+        opts = dataclasses.replace(opts, shard_base=opts.shard_base or fsdp, shard_adapters=opts.shard_adapters or fsdp)
+        column = 1 if cfg.learner.checkpoint_blocks else 0
+        checkpointing_key = "learner.checkpoint_blocks"
         features = Features(temperature=policy_cfg.attention.temperature, static_routing=policy_cfg.attention.static_routing, moe_sparse=moe_is_sparse())
         refs = opts.references
         height = width = cfg.rollout.image_size
@@ -780,7 +818,8 @@ def plan_preset(path: str, opts: Options) -> Plan:
         on_gpu = [role for role, share in shares.items() if share > 0]
         total_share = sum(shares.values())
         header.append(
-            f"learners: {w.learners}; sharding: base {'sharded' if opts.shard_base else 'replicated'}, adapter state "
+            f"learners: {w.learners} (learner.sharding {cfg.learner.sharding}, learner.checkpoint_blocks "
+            f"{str(cfg.learner.checkpoint_blocks).lower()}); sharding: base {'sharded' if opts.shard_base else 'replicated'}, adapter state "
             f"{'sharded' if opts.shard_adapters else 'replicated'}; GPU shares: rollout {shares['rollout']:g} + learner "
             f"{shares['learner']:g} + reward {shares['reward']:g} = {total_share:g}"
             + (f" -> one of each per GPU ({max(counts[r] for r in on_gpu)} GPUs)" if on_gpu and total_share <= 1 + 1e-9 else "")
@@ -803,7 +842,7 @@ def plan_preset(path: str, opts: Options) -> Plan:
     limit = opts.gpu_gb * GIB
     worst = tuple(max(v[i] for v in per_gpu.values()) for i in (0, 1))
     verdict = (worst[0] <= limit, worst[1] <= limit)
-    return Plan(_display(path), header, lines, per_gpu, verdict, params, _policy_key(policy_cfg), notes)
+    return Plan(_display(path), header, lines, per_gpu, verdict, params, _policy_key(policy_cfg), notes, column, checkpointing_key)
 
 
 def _gib(value: float) -> str:
@@ -824,6 +863,8 @@ def format_plan(plan: Plan, opts: Options) -> str:
         out.append(f"{'per GPU':12s} {label:52s} {_gib(a)} {_gib(c)}")
     words = ["FITS" if ok else "DOES NOT FIT" for ok in plan.verdict]
     out.append(f"{'verdict':12s} {f'on {opts.gpu_gb:g} GiB cards':52s} {words[0]:>12s} {words[1]:>12s}")
+    out.append(f"{'as configured':12s} {['without', 'with'][plan.column] + f' block checkpointing ({plan.checkpointing_key})':52s} "
+               f"{'FITS' if plan.fits else 'DOES NOT FIT':>12s}")
     out += [f"note: {note}" for note in plan.notes]
     return "\n".join(out)
 
@@ -960,7 +1001,7 @@ def measure_case(case: Case, shape: FluxShape = REDUCED_SHAPE, peak: bool = True
     policy_cfg, features = _case_policy(case, shape)
     policy = build_policy(policy_cfg, shape, device="cpu", dtype=getattr(torch, case.dtype))
     if case.mode == "ckpt":
-        policy.transformer.enable_gradient_checkpointing()
+        policy.enable_block_checkpointing()
     tokens = _case_tokens(case, policy_cfg)
     conditioning, transitions = _case_inputs(policy, case, tokens, shape)
     switches = dataclasses.replace(policy.attention_mode, capture_routing=case.routing_capture)
@@ -1059,14 +1100,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", action="append", default=[], help="a preset (IPPO or SFT); may be repeated")
     parser.add_argument("--all", action="store_true", help="every paper preset (the IPPO and the SFT presets)")
     parser.add_argument("--base-dtype", choices=("preset", *BYTES), default="preset", help="base weight dtype (default: policy.dtype of the preset)")
-    parser.add_argument("--shard-base", action="store_true", help="shard the learners' base weights across them (FSDP; not in the code today)")
-    parser.add_argument("--shard-adapters", action="store_true", help="shard adapters, gradients and AdamW states across the learners (FSDP2)")
+    parser.add_argument("--shard-base", action="store_true", help="what-if: shard the base weights over the learners / SFT processes (the IPPO presets set it with learner.sharding: fsdp)")
+    parser.add_argument("--shard-adapters", action="store_true", help="what-if: shard adapters, gradients and AdamW states too (FSDP2; IPPO: learner.sharding)")
     parser.add_argument("--gpu-gb", type=float, default=80.0, help="GPU memory in GiB for the verdict")
     parser.add_argument("--references", type=int, default=2, help="references per task (IPPO, and SFT without a subject curriculum)")
     parser.add_argument("--sft-processes", type=int, default=8, help="data-parallel processes of the SFT presets (the sharding divisor)")
     parser.add_argument("--aspect", type=float, default=1.0, help="SFT targets' long/short side ratio (One-for-All's paper: 1024x768 = 1.333)")
     parser.add_argument("--no-validate", action="store_true", help="skip the reduced-width CPU validation")
     parser.add_argument("--measure", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides of every preset (e.g. learner.sharding=replicate)")
     return parser.parse_args(argv)
 
 
@@ -1080,7 +1122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not configs:
         print("give --config <preset> (repeatable) or --all", file=sys.stderr)
         return 2
-    opts = Options(args.base_dtype, args.shard_base, args.shard_adapters, args.gpu_gb, args.references, args.sft_processes, args.aspect)
+    opts = Options(args.base_dtype, args.shard_base, args.shard_adapters, args.gpu_gb, args.references, args.sft_processes, args.aspect,
+                   tuple(args.overrides))
     sparse = "sparse top-k dispatch" if moe_is_sparse() else "dense (every expert computed)"
     print(f"memory plan: GiB = 2^30 bytes; MoE-LoRA forward: {sparse}; CUDA context {CUDA_CONTEXT_GIB} GiB per process (assumed); "
           f"'*' rows are transients that do not coexist with the activations")

@@ -32,6 +32,8 @@ from policies.policy import (
     PolicyOutput,
     PolicyVelocity,
     PromptEmbeds,
+    full_tensor,
+    placed_like,
 )
 
 __all__ = [
@@ -52,10 +54,12 @@ __all__ = [
     "TokenLayout",
     "build_tiny_components",
     "dice_loss",
+    "full_tensor",
     "load_balancing_loss",
     "load_local_components",
     "mask_tokens",
     "moe_gate_weights",
+    "placed_like",
     "routing_loss",
     "save_components",
 ]

@@ -143,8 +143,9 @@ class MoELoRALinear(torch.nn.Module):
 class ForwardContext:
     """What adapter layers need to know about the model call in progress (they see only their input
     tensor): the token layout (dual-branch LoRA) and where to record routing (MoE-LoRA). The policy binds
-    it around each call; outside a call (e.g. a gradient-checkpoint recompute during backward) nothing is
-    bound and MoE-LoRA records nothing."""
+    it around each call. A checkpointed block recomputed during backward runs outside the call: its
+    recompute gets the layout bound when the block first ran (``checkpoint_contexts``) and records no
+    routing, so the call's records are those of its forward alone."""
 
     def __init__(self) -> None:
         self._layout: TokenLayout | None = None
@@ -159,6 +160,20 @@ class ForwardContext:
             yield self._router
         finally:
             self._layout, self._router = previous
+
+    @contextlib.contextmanager
+    def _recomputing(self, layout: TokenLayout | None) -> Iterator[None]:
+        previous = self._layout, self._router
+        self._layout, self._router = layout, None
+        try:
+            yield
+        finally:
+            self._layout, self._router = previous
+
+    def checkpoint_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        """torch.utils.checkpoint's ``context_fn``, called when a checkpointed block runs forward: nothing
+        changes in the forward; the recompute binds this call's layout and records no routing."""
+        return contextlib.nullcontext(), self._recomputing(self._layout)
 
     @property
     def layout(self) -> TokenLayout:

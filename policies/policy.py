@@ -11,10 +11,13 @@ from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
 
 import torch
+import torch.utils.checkpoint
 from diffusers import FluxPipeline
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.tuners_utils import cast_adapter_dtype
 from safetensors.torch import load_file, save_file
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from policies.adapters import (
     PEFT_ADAPTER_NAME,
@@ -360,6 +363,35 @@ class FluxPolicy(torch.nn.Module):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    # ---- training at scale ----------------------------------------------------------------------------
+
+    def shard_transformer(self) -> None:
+        """Shard the transformer's parameters over the data-parallel processes with FSDP2 (``fully_shard``
+        on every block, then on the transformer): each rank keeps 1/world of the frozen base, of the
+        adapters, of their gradients and so of the optimizer states built afterwards. Each block's
+        parameters are gathered for its forward and its backward and freed after them. Every parameter
+        keeps its dtype (a bf16 base, fp32 adapters), so a sharded forward runs the same kernels on the
+        same values as an unsharded one. Gradients are summed over ranks, not averaged: the learner
+        already weights each chunk by its share of all ranks' samples. Needs the default process group;
+        from then on every rank must make the same transformer calls (forward, backward, adapter_state).
+        The text encoders and the codec stay whole on every rank."""
+        blocks = [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
+        for module in [*blocks, self.transformer]:
+            fully_shard(module)
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # a plain sum: gloo has no pre-multiplied sum
+
+    def enable_block_checkpointing(self) -> None:
+        """Keep only each transformer block's inputs for backward and recompute the block then (diffusers'
+        gradient checkpointing, non-reentrant), with the adapters' forward context re-bound in the recompute
+        (dual-branch LoRA reads the layout; MoE-LoRA records its routing once, in the forward)."""
+        context_fn = self.forward_context.checkpoint_contexts
+
+        def checkpointed(block: torch.nn.Module, *args):
+            return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False, context_fn=context_fn)
+
+        self.transformer.enable_gradient_checkpointing(checkpointed)
+
     # ---- adapters on disk -----------------------------------------------------------------------------
 
     def _adapter_description(self) -> dict:
@@ -377,28 +409,33 @@ class FluxPolicy(torch.nn.Module):
         """Every adapter tensor, trainable or frozen (a frozen MoE gate from warm-start adapters too),
         detached copies on the CPU, named as in save_adapters' files: plain LoRA as in diffusers' LoRA file
         (``transformer.`` + peft's name), the others as in policy_adapters.safetensors. The one format of
-        adapter files, checkpoints and the weights rollout workers receive after each update."""
+        adapter files, checkpoints and the weights rollout workers receive after each update.
+        With a sharded transformer each tensor is gathered whole: every rank must call this together."""
+        return {name: full_tensor(tensor).detach().cpu().clone() for name, tensor in self._live_adapter_tensors().items()}
+
+    def _live_adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The adapter tensors in place (shards when the transformer is sharded), named as adapter_state."""
         state = {}
         if self.cfg.lora.enabled:
             lora = get_peft_model_state_dict(self.transformer, adapter_name=PEFT_ADAPTER_NAME)
             state.update({f"{LORA_KEY_PREFIX}{name}": tensor for name, tensor in lora.items()})
         state.update(custom_adapter_state(self.transformer))
-        return {name: tensor.detach().cpu().clone() for name, tensor in state.items()}
+        return state
 
     def load_adapter_state(self, state: dict[str, torch.Tensor], source: str = "adapter state") -> None:
-        """Copy ``adapter_state()`` output (of a policy with the same adapter config) into this policy."""
-        lora_names = {f"{LORA_KEY_PREFIX}{name}" for name in get_peft_model_state_dict(self.transformer, adapter_name=PEFT_ADAPTER_NAME)} if self.cfg.lora.enabled else set()
-        custom = custom_adapter_state(self.transformer)
-        expected = lora_names | set(custom)
-        if set(state) != expected:
-            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        """Copy ``adapter_state()`` output (of a policy with the same adapter config) into this policy
+        (into each rank's shard when the transformer is sharded; no communication)."""
+        live = self._live_adapter_tensors()
+        if set(state) != set(live):
+            missing, extra = sorted(set(live) - set(state)), sorted(set(state) - set(live))
             raise ValueError(f"{source} does not fit this policy: missing {missing[:3]}, unexpected {extra[:3]}")
-        if lora_names:
-            lora = {name.removeprefix(LORA_KEY_PREFIX): state[name] for name in lora_names}
+        placed = {name: placed_like(state[name], tensor) for name, tensor in live.items()}
+        if self.cfg.lora.enabled:
+            lora = {name.removeprefix(LORA_KEY_PREFIX): tensor for name, tensor in placed.items() if name.startswith(LORA_KEY_PREFIX)}
             set_peft_model_state_dict(self.transformer, lora, adapter_name=PEFT_ADAPTER_NAME)
         with torch.no_grad():
-            for name, tensor in custom.items():
-                tensor.copy_(state[name].to(tensor.device, tensor.dtype))
+            for name, tensor in custom_adapter_state(self.transformer).items():
+                tensor.copy_(placed[name])
 
     def save_adapters(self, folder: str | Path) -> None:
         """Write the adapters: plain LoRA in diffusers' format (FluxPipeline.load_lora_weights(folder)
@@ -461,6 +498,20 @@ def with_adapters_of(cfg: PolicyConfig, folder: str | Path) -> PolicyConfig:
         attention=dataclasses.replace(cfg.attention, temperature=saved["attention_temperature"], static_routing=saved["static_routing"]),
         condition_prompts=ConditionPromptConfig(**saved["condition_prompts"]),
     )
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor shard (a collective over its mesh), any other tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def placed_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A whole tensor ``value`` on ``like``'s device and dtype, and, when ``like`` is a DTensor, cut into
+    this rank's shard of ``like``'s placement (every rank holds ``value``: no communication)."""
+    value = value.to(like.device, like.dtype)
+    if isinstance(like, DTensor):
+        return distribute_tensor(value, like.device_mesh, like.placements, src_data_rank=None)
+    return value
 
 
 def _expand_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:

@@ -138,3 +138,14 @@ def test_shipped_train_configs_load(name):
         assert cfg.rollout.groups_per_iteration == cfg.workers.learners == 16 and cfg.rollout.chunk_size == 1  # a group per GPU
         assert (cfg.rollout.image_size, cfg.rollout.reference_size) == (512, 320)
         assert cfg.learner.minibatches == 4 and cfg.learner.algorithm == "gspo"  # MixGRPO's 4 steps per rollout
+
+
+def test_sharded_learners_need_equal_shares_of_each_minibatch():
+    """FSDP ranks make collective calls per chunk: a minibatch must divide evenly over them (replicated
+    learners may hold one chunk more or less)."""
+    uneven = ["rollout.groups_per_iteration=3", "rollout.group_size=4", "rollout.chunk_size=2", "workers.learners=4"]
+    assert load_config(GSPOTrainConfig, None, uneven).learner.sharding == "replicate"  # 6 chunks over 4 ranks: allowed
+    with pytest.raises(ConfigError) as info:
+        load_config(GSPOTrainConfig, None, [*uneven, "learner.sharding=fsdp"])
+    assert "learner.sharding=fsdp" in str(info.value) and "workers.learners=4" in str(info.value)
+    assert load_config(GSPOTrainConfig, None, [*uneven[:3], "workers.learners=3", "learner.sharding=fsdp"]).workers.learners == 3

@@ -55,6 +55,10 @@ def test_meta_count_equals_the_real_models_count(config):
     assert meta.adapters == real.adapters == sum(p.numel() for p in real_policy.parameters()) - real.base
     assert meta.trainable == real.trainable == sum(p.numel() for p in real_policy.parameters() if p.requires_grad)
     assert meta.adapters > 0
+    block = sum(p.numel() for p in bare.transformer_blocks[0].parameters())  # a double block is the largest
+    adapted = list(real_policy.transformer.transformer_blocks[0].parameters())
+    assert meta.largest_block == real.largest_block == (
+        block, sum(p.numel() for p in adapted) - block, sum(p.numel() for p in adapted if p.requires_grad))
     assert {name: dataclasses.astuple(g) for name, g in meta.groups.items()} == {name: dataclasses.astuple(g) for name, g in real.groups.items()}
 
 
@@ -126,8 +130,9 @@ def _line(plan, role, prefix):
 
 def test_plan_divides_the_sharded_state_by_the_learners(flux_dev_multicrafter):
     path = str(ROOT / MULTICRAFTER)
-    plain = mp.plan_preset(path, mp.Options())
-    sharded = mp.plan_preset(path, mp.Options(base_dtype="bfloat16", shard_base=True, shard_adapters=True))
+    plain = mp.plan_preset(path, mp.Options(overrides=("learner.sharding=replicate",)))
+    sharded = mp.plan_preset(path, mp.Options())  # the preset: learner.sharding fsdp
+    assert mp.plan_preset(path, mp.Options(overrides=("learner.sharding=replicate",), shard_base=True, shard_adapters=True)).lines == sharded.lines
     trainable, base = flux_dev_multicrafter.trainable, flux_dev_multicrafter.base
     assert _line(plain, "learner", "base weights").no_ckpt == 2 * base  # the preset's policy.dtype is bfloat16
     assert _line(sharded, "learner", "base weights").no_ckpt == 2 * base / 16
@@ -135,6 +140,9 @@ def test_plan_divides_the_sharded_state_by_the_learners(flux_dev_multicrafter):
     assert _line(plain, "learner", "gradients").no_ckpt == 4 * trainable
     assert _line(plain, "learner", "AdamW").no_ckpt == 8 * trainable
     assert _line(sharded, "learner", "AdamW").no_ckpt == 8 * trainable / 16
+    block_base, block_adapters, block_trainable = flux_dev_multicrafter.largest_block
+    assert _line(sharded, "learner", "FSDP").no_ckpt == 2 * (2 * block_base + 4 * block_adapters) + 4 * block_trainable
+    assert not [line for line in plain.lines if line.component.startswith("FSDP")]
     (label,) = plain.per_gpu  # shares 0.45 + 0.4 + 0.15 = 1: one of each per GPU
     assert label == "learner + rollout + reward"
     assert plain.per_gpu[label][0] == pytest.approx(sum(mp._peak(plain.lines, role)[0] for role in ("learner", "rollout", "reward")))
@@ -149,6 +157,18 @@ def test_script_runs_end_to_end_and_gives_a_verdict(capsys):
     verdict = [line for line in out.splitlines() if line.startswith("verdict")]
     assert len(verdict) == 1 and verdict[0].count("DOES NOT FIT") == 2, verdict
     assert "MoE-LoRA experts on single blocks' proj_out                  38" in out
+    (configured,) = [line for line in out.splitlines() if line.startswith("as configured")]
+    assert "with block checkpointing" in configured and configured.endswith(" DOES NOT FIT")
     assert mp.main(["--config", MULTICRAFTER, "--gpu-gb", "100000", "--no-validate"]) == 0
     out = capsys.readouterr().out
     assert [line for line in out.splitlines() if line.startswith("verdict")][0].split()[-2:] == ["FITS", "FITS"]
+
+
+@pytest.mark.parametrize("config", ["configs/ippo_multi_human.yaml", "configs/ippo_multi_object.yaml"])
+def test_the_ippo_presets_fit_16_gpus_of_80_gib_as_configured(config):
+    plan = mp.plan_preset(str(ROOT / config), mp.Options())
+    assert plan.column == 1 and plan.fits  # sharded learners with block checkpointing
+    (label,) = plan.per_gpu
+    assert label == "learner + rollout + reward" and plan.per_gpu[label][1] <= 80 * mp.GIB
+    assert not mp.plan_preset(str(ROOT / config), mp.Options(overrides=("learner.sharding=replicate",))).fits
+    assert not mp.plan_preset(str(ROOT / config), mp.Options(overrides=("learner.checkpoint_blocks=false",))).fits

@@ -32,6 +32,7 @@ TINY_RUN = [
     "sampler.num_steps=6", "sampler.window_shift_interval=2", "rollout.image_size=32", "rollout.reference_size=16",
     "rollout.group_size=4", "rollout.chunk_size=2", "tasks.reference_size=16", "learner.learning_rate=1e-3",
     "workers.rollout_workers=2", "workers.learners=2", "workers.cpus_per_worker=0.25",
+    "learner.sharding=fsdp", "learner.checkpoint_blocks=true",  # the paper presets' learner: sharded, block-checkpointed
     "output.sample_every=2", "output.checkpoint_every=2", "output.plot_every=1",
 ]
 

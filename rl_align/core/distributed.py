@@ -12,6 +12,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from policies import full_tensor, placed_like
+
 
 @dataclass(frozen=True)
 class Communicator:
@@ -94,3 +96,27 @@ def sum_gradients(params: Sequence[torch.nn.Parameter], all_reduce: Callable[[to
     for p in params:
         p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
         offset += p.numel()
+
+
+def gathered_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` with every sharded (DTensor) state tensor gathered whole: the same
+    checkpoint whether the learner was sharded or not. A collective when sharded: every rank calls it."""
+    state = optimizer.state_dict()
+    return {
+        "state": {index: {key: full_tensor(value) for key, value in entry.items()} for index, entry in state["state"].items()},
+        "param_groups": state["param_groups"],
+    }
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a ``gathered_optimizer_state`` (or plain ``state_dict()``): each whole state tensor of a sharded
+    parameter is cut to this rank's shard first (no communication). Scalars (AdamW's step) load as they are."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    placed = {
+        index: {
+            key: placed_like(value, params[index]) if isinstance(value, torch.Tensor) and value.shape == params[index].shape else value
+            for key, value in entry.items()
+        }
+        for index, entry in state["state"].items()
+    }
+    optimizer.load_state_dict({"state": placed, "param_groups": state["param_groups"]})

@@ -9,6 +9,7 @@ from typing import Callable, NamedTuple, Protocol, Sequence
 
 import torch
 
+from policies import full_tensor
 from rl_align.core.distributed import sum_gradients
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,8 @@ def apply_step(
 ) -> StepOutcome:
     """Finish a step whose gradients have been accumulated (the caller zeroed them before).
 
-    With ``all_reduce`` (data-parallel ranks) the gradients are first replaced by their sum over ranks;
+    With ``all_reduce`` (data-parallel ranks that replicate the adapters) the gradients are first replaced
+    by their sum over ranks (sharded ranks' backward has summed them already, pass none);
     ``loss_finite`` must then already agree on every rank (reduce the loss statistics first), so all ranks
     step or skip together. A non-finite loss or gradient norm skips the step with a warning naming
     ``what`` (the batch); otherwise gradients are clipped to ``max_grad_norm`` and the optimizer steps.
@@ -56,7 +58,8 @@ def apply_step(
     params = optimizer_parameters(optimizer)
     if all_reduce is not None:
         sum_gradients(params, all_reduce)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)) if loss_finite else math.nan
+    # sharded parameters (FSDP2) hold their shard of the summed gradient; their norm is the whole one
+    grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))) if loss_finite else math.nan
     skipped = not (loss_finite and math.isfinite(grad_norm))
     if skipped:
         log.warning("non-finite %s%s: step skipped", "gradient norm" if loss_finite else "loss", f" ({what})" if what else "")

@@ -106,7 +106,7 @@ class Learner:
         return f"tcp://{ray.util.get_node_ip_address()}:{port}"
 
     def join(self, rank: int, world_size: int, init_method: str) -> None:
-        self.rank.comm = join_process_group(init_method, rank, world_size, self.rank.device)
+        self.rank.connect(join_process_group(init_method, rank, world_size, self.rank.device))
 
     @ray.method(num_returns=2)
     def update(self, steps: Sequence[Sequence[tuple[Task, list, np.ndarray]]], totals: Sequence[int]) -> tuple[list[UpdateStats], dict[str, torch.Tensor] | None]:
@@ -117,12 +117,13 @@ class Learner:
         refs = list(dict.fromkeys(ref for items in steps for _, (ref,), _ in items))  # a chunk recurs across epochs
         fetched = dict(zip(refs, ray.get(refs)))
         stats = self.rank.update([[(task, fetched[ref], adv) for task, (ref,), adv in items] for items in steps], totals)
-        return stats, (self.rank.policy.adapter_state() if self.rank.comm.rank == 0 else None)
+        return stats, self.rank.adapter_state()
 
-    def adapter_state(self) -> dict[str, torch.Tensor]:
-        return self.rank.policy.adapter_state()
+    def adapter_state(self) -> dict[str, torch.Tensor] | None:
+        """The whole adapter state on rank 0, None on the others (LearnerRank.adapter_state)."""
+        return self.rank.adapter_state()
 
-    def checkpoint(self, completed: int) -> Checkpoint:
+    def checkpoint(self, completed: int) -> Checkpoint | None:
         return self.rank.checkpoint(completed)
 
     def restore(self, checkpoint: Checkpoint) -> None:
@@ -133,7 +134,7 @@ class Learner:
         self.rank.policy.load_adapters(folder)
 
     def save_adapters(self, folder: str) -> None:
-        self.rank.policy.save_adapters(folder)
+        self.rank.save_adapters(folder)
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -201,7 +202,8 @@ class RayWorkers:
         return pids
 
     def adapters(self) -> Any:
-        return self.learners[0].adapter_state.remote()
+        # every rank is asked (sharded ranks gather together, in the order of their calls); rank 0 answers
+        return [learner.adapter_state.remote() for learner in self.learners][0]
 
     def rollout(self, slot, version, adapters, task, key, sample_ids, window):
         index = slot % len(self.rollout_workers)
@@ -273,7 +275,7 @@ class RayWorkers:
         return values
 
     def checkpoint(self, completed: int) -> Checkpoint:
-        return ray.get(self.learners[0].checkpoint.remote(completed))
+        return ray.get([learner.checkpoint.remote(completed) for learner in self.learners])[0]
 
     def restore(self, checkpoint: Checkpoint) -> None:
         ray.get([learner.restore.remote(checkpoint) for learner in self.learners])
@@ -282,7 +284,7 @@ class RayWorkers:
         ray.get([learner.load_adapters.remote(folder) for learner in self.learners])
 
     def save_adapters(self, folder: str) -> None:
-        ray.get(self.learners[0].save_adapters.remote(folder))
+        ray.get([learner.save_adapters.remote(folder) for learner in self.learners])
 
     def close(self) -> None:
         for actor in self.rollout_workers + self.reward_workers + self.learners:

@@ -113,3 +113,8 @@ class GSPOTrainConfig:
             raise ValueError(
                 f"workers.learners={self.workers.learners} exceeds the {per_minibatch} rollout chunks of a minibatch: some ranks would idle"
             )
+        if self.learner.sharding == "fsdp" and per_minibatch % self.workers.learners:
+            raise ValueError(
+                f"learner.sharding=fsdp needs every learner to hold as many chunks of each minibatch: the {per_minibatch} chunks of a "
+                f"minibatch do not divide over workers.learners={self.workers.learners}"
+            )

@@ -43,6 +43,14 @@ class LearnerConfig:
     # (the paper's per-prompt update), are split into M equal minibatches in a seeded order.
     minibatches: int = 1
     epochs: int = 1  # passes over the rollout per iteration
+    # Data-parallel learners (workers.learners > 1): "replicate" keeps the whole policy on every learner and
+    # all-reduces the gradients; "fsdp" shards the transformer (frozen base, adapters, their gradients and
+    # AdamW states) over the learners with FSDP2 (FluxPolicy.shard_transformer), 1/learners of each per GPU.
+    sharding: Literal["replicate", "fsdp"] = "replicate"
+    # Keep only each transformer block's inputs during the learner's forward and recompute the block in
+    # backward (FluxPolicy.enable_block_checkpointing): activations of a window drop from every block's
+    # saved tensors to the blocks' inputs, for about one more forward of compute.
+    checkpoint_blocks: bool = False
 
     def __post_init__(self) -> None:
         if self.minibatches < 1 or self.epochs < 1:
@@ -147,6 +155,7 @@ def policy_update(
     reference_of: Callable[[int], Velocity] | None = None,
     total_samples: int | None = None,
     all_reduce: AllReduce | None = None,
+    sharded: bool = False,
 ) -> UpdateStats:
     """One optimizer step over the chunks of a minibatch.
 
@@ -159,7 +168,10 @@ def policy_update(
     Data-parallel learners pass ``total_samples`` (the minibatch's samples on all ranks together) and an
     in-place ``all_reduce(tensor, op)`` (torch.distributed.all_reduce): gradients and statistics are
     summed (the ratio spread maxed) over ranks before clipping, so every rank takes the same step, or
-    skips it together. A rank may hold no chunk of a minibatch; it then adds nothing.
+    skips it together. A replicated rank may hold no chunk of a minibatch; it then adds nothing.
+    ``sharded``: the policy is sharded (FSDP2), backward sums the gradients over ranks itself, and every
+    rank must hold as many chunks (each forward and backward is a collective); a non-finite loss is still
+    back-propagated so the ranks stay in step, and the step is skipped.
     """
     if not chunks and all_reduce is None:
         raise ValueError("policy_update needs at least one chunk of transitions")
@@ -178,8 +190,11 @@ def policy_update(
         weight = len(chunk.advantages) / total
         if not torch.isfinite(loss):
             sums[0] = 1.0
-            break
+            if not sharded:
+                break
         (weight * loss).backward()
+        if sums[0]:
+            continue
         sums[1:] += torch.tensor(
             [weight * float(loss.detach()), float(out.ratio.sum()), float(out.clipped.float().sum()), out.ratio.numel(),
              weight * float(new.kl.mean().detach()), new.expert_flips, new.routed_tokens],
@@ -190,7 +205,7 @@ def policy_update(
     if all_reduce is not None:  # before the step, so every rank knows whether any loss was non-finite
         all_reduce(sums, "sum")
         all_reduce(deviation, "max")
-    outcome = apply_step(optimizer, cfg.max_grad_norm, loss_finite=float(sums[0]) == 0, all_reduce=all_reduce, what="policy update")
+    outcome = apply_step(optimizer, cfg.max_grad_norm, loss_finite=float(sums[0]) == 0, all_reduce=None if sharded else all_reduce, what="policy update")
     _, loss_sum, ratio_sum, clipped_sum, ratio_count, kl_sum, flips, routed = sums.tolist()
     flip_rate = flips / routed if routed else math.nan
     if outcome.skipped:

@@ -19,7 +19,7 @@ from policies import Conditioning, FluxPolicy, PolicyConfig
 from rewards import RewardConfig, RewardResult, ScoreBatch, build_reward
 from rewards.client import RewardClient, RewardServerError
 from rl_align.core.checkpoints import Checkpoint
-from rl_align.core.distributed import Communicator
+from rl_align.core.distributed import Communicator, gathered_optimizer_state, load_optimizer_state
 from rl_align.core.optim import make_optimizer
 from rl_align.ippo.config import GSPOTrainConfig, WorkerConfig
 from rl_align.ippo.learner import GroupTransitions, LearnerConfig, UpdateStats, policy_update
@@ -87,15 +87,31 @@ class RewardRunner:
 
 class LearnerRank:
     """One rank of the learner: a policy copy with an optimizer. All ranks start from the same weights
-    (same config and seeds) and take the same steps (gradients summed over ranks by ``comm``)."""
+    (same config and seeds) and take the same steps: gradients summed over ranks by ``comm``, or, with
+    ``learner.sharding: fsdp``, each rank holding its shard of the transformer, its gradients and its
+    optimizer states. Sharded ranks gather whole tensors together: call ``adapter_state``,
+    ``checkpoint`` and ``save_adapters`` on every rank (ranks other than 0 get None / write nothing)."""
 
     def __init__(self, policy_cfg: PolicyConfig, learner_cfg: LearnerConfig, rollout_cfg: RolloutConfig, device: torch.device):
         self.device = device
         # eval mode throughout: dropout would make the learner's forward differ from the rollout's.
         self.policy = FluxPolicy.from_config(policy_cfg).to(device).eval()
+        if learner_cfg.checkpoint_blocks:
+            self.policy.enable_block_checkpointing()
         self.learner_cfg, self.rollout_cfg = learner_cfg, rollout_cfg
         self.optimizer = make_optimizer(self.policy.trainable_parameters(), learner_cfg)
         self.comm = Communicator(0, 1, device)
+        self.sharded = False
+
+    def connect(self, comm: Communicator) -> None:
+        """Take this rank's place among the data-parallel learners, before any update or restore; with
+        ``sharding: fsdp`` and more than one rank, shard the transformer and build the optimizer over the
+        shards."""
+        self.comm = comm
+        if self.learner_cfg.sharding == "fsdp" and comm.world > 1:
+            self.policy.shard_transformer()
+            self.optimizer = make_optimizer(self.policy.trainable_parameters(), self.learner_cfg)
+            self.sharded = True
 
     def update(self, steps: Sequence[Sequence[LearnerItem]], totals: Sequence[int]) -> list[UpdateStats]:
         """One optimizer step per minibatch: ``steps[k]`` is this rank's share of minibatch k (task, chunk
@@ -121,14 +137,31 @@ class LearnerRank:
             reference_of=(lambda i: ReferenceVelocity(self.policy, conditionings[id(tasks[i])])) if self.learner_cfg.kl_beta > 0 else None,
             total_samples=total,
             all_reduce=self.comm.all_reduce if self.comm.world > 1 else None,
+            sharded=self.sharded,
         )
 
-    def checkpoint(self, completed: int) -> Checkpoint:
-        return Checkpoint(completed, self.policy.adapter_state(), self.optimizer.state_dict())
+    def adapter_state(self) -> dict[str, torch.Tensor] | None:
+        """The whole adapter state on rank 0, None on the others."""
+        state = self.policy.adapter_state() if self.sharded or self.comm.main else None
+        return state if self.comm.main else None
+
+    def checkpoint(self, completed: int) -> Checkpoint | None:
+        """The whole checkpoint (adapters and optimizer state, gathered when sharded) on rank 0, None on the others."""
+        if not (self.sharded or self.comm.main):
+            return None
+        checkpoint = Checkpoint(completed, self.policy.adapter_state(), gathered_optimizer_state(self.optimizer))
+        return checkpoint if self.comm.main else None
 
     def restore(self, checkpoint: Checkpoint) -> None:
         self.policy.load_adapter_state(checkpoint.adapters, source="the checkpoint")
-        self.optimizer.load_state_dict(checkpoint.optimizer)
+        load_optimizer_state(self.optimizer, checkpoint.optimizer)
+
+    def save_adapters(self, folder: str) -> None:
+        """Rank 0 writes the adapters (gathered with the other ranks when sharded)."""
+        if self.sharded and not self.comm.main:
+            self.policy.adapter_state()
+        elif self.comm.main:
+            self.policy.save_adapters(folder)
 
 
 class Workers(Protocol):
@@ -195,7 +228,7 @@ class LocalWorkers:
         self.fetched_bytes = 0
 
     def adapters(self) -> Handle:
-        return self.learner.policy.adapter_state()
+        return self.learner.adapter_state()
 
     def rollout(self, slot, version, adapters, task, key, sample_ids, window):
         chunk = self.rollout_runner.rollout(version, adapters, task, key, sample_ids, window)
@@ -210,7 +243,7 @@ class LocalWorkers:
     def update(self, steps_per_rank, totals):
         if len(steps_per_rank) != 1:
             raise ValueError(f"LocalWorkers has one learner rank, got steps for {len(steps_per_rank)}")
-        return [self.learner.update(steps_per_rank[0], totals)], self.learner.policy.adapter_state()
+        return [self.learner.update(steps_per_rank[0], totals)], self.learner.adapter_state()
 
     def fetch(self, handles):
         values = list(handles)
@@ -227,7 +260,7 @@ class LocalWorkers:
         self.learner.policy.load_adapters(folder)
 
     def save_adapters(self, folder: str) -> None:
-        self.learner.policy.save_adapters(folder)
+        self.learner.save_adapters(folder)
 
     def close(self) -> None:
         return None

@@ -120,6 +120,10 @@ class SFTConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     output: SFTOutputConfig = field(default_factory=SFTOutputConfig)
+    # Keep only each transformer block's inputs in the forward and recompute the block in backward
+    # (FluxPolicy.enable_block_checkpointing): the same loss and gradients, attention maps included, for
+    # about one more forward of compute; what lets the paper presets' batches fit (benchmarks/memory_plan.py).
+    checkpoint_blocks: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1:

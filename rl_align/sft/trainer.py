@@ -303,6 +303,8 @@ def _train(cfg: SFTConfig, resume: Path | None, comm: Communicator, held: ExitSt
     torch.manual_seed(cfg.run.seed)
     try:
         policy = FluxPolicy.from_config(cfg.policy).to(comm.device)
+        if cfg.checkpoint_blocks:
+            policy.enable_block_checkpointing()
         objective = StageObjective(policy, cfg)
         streams = build_streams(cfg, run_dir, objective, comm)
         optimizer = make_optimizer(policy.trainable_parameters(), cfg.optim)
