@@ -753,7 +753,9 @@ def plan_preset(path: str, opts: Options) -> Plan:
         if cfg.stage == "diptych":
             width, refs = 2 * width, 2  # two samples side by side, one reference each
         reference_size, batch, forwards, shards = cfg.data.reference_size, cfg.data.batch_size, 1, opts.sft_processes
-        column = 1 if cfg.checkpoint_blocks else 0  # scripts/sft.py replicates the policy (--shard-* are what-ifs)
+        fsdp = cfg.sharding == "fsdp" and opts.sft_processes > 1
+        opts = dataclasses.replace(opts, shard_base=opts.shard_base or fsdp, shard_adapters=opts.shard_adapters or fsdp)
+        column = 1 if cfg.checkpoint_blocks else 0
         checkpointing_key = "checkpoint_blocks"
     else:
         policy_cfg = cfg.policy
@@ -793,7 +795,8 @@ def plan_preset(path: str, opts: Options) -> Plan:
         lines += learner_lines(role, params, b, name_b, shards, opts, act, batch_bytes, encoders)
         vae = vae_decode_bytes(height, width, batch, b)
         lines.append(Line(role, "VAE encode of the batch (rough bound)", vae, kind="transient"))
-        header.append(f"processes: {shards} (--sft-processes), one per GPU; sharding over them: base {'sharded' if opts.shard_base else 'replicated'}, "
+        header.append(f"processes: {shards} (--sft-processes), one per GPU (sharding {cfg.sharding}, checkpoint_blocks {str(cfg.checkpoint_blocks).lower()}); "
+                      f"sharding over them: base {'sharded' if opts.shard_base else 'replicated'}, "
                       f"adapter state {'sharded' if opts.shard_adapters else 'replicated'}")
         per_gpu["one SFT process"] = _peak(lines, role)
     else:

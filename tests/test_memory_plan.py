@@ -172,3 +172,11 @@ def test_the_ippo_presets_fit_16_gpus_of_80_gib_as_configured(config):
     assert label == "learner + rollout + reward" and plan.per_gpu[label][1] <= 80 * mp.GIB
     assert not mp.plan_preset(str(ROOT / config), mp.Options(overrides=("learner.sharding=replicate",))).fits
     assert not mp.plan_preset(str(ROOT / config), mp.Options(overrides=("learner.checkpoint_blocks=false",))).fits
+
+
+@pytest.mark.parametrize("config", mp.SFT_PRESETS)
+def test_the_sft_presets_fit_8_gpus_of_80_gib_as_configured(config):
+    plan = mp.plan_preset(str(ROOT / config), mp.Options())
+    assert plan.column == 1 and plan.fits and _line(plan, "SFT process", "base weights").component.endswith("sharded / 8)")
+    unchecked = mp.plan_preset(str(ROOT / config), mp.Options(overrides=("checkpoint_blocks=false",)))
+    assert unchecked.column == 0 and unchecked.per_gpu["one SFT process"][0] > 1.2 * plan.per_gpu["one SFT process"][1]

@@ -183,6 +183,7 @@ class RayWorkers:
         if len(self.learners) > 1:
             address = ray.get(self.learners[0].rendezvous.remote())
             ray.get([learner.join.remote(rank, len(self.learners), address) for rank, learner in enumerate(self.learners)])
+            log.info("%d data-parallel learners joined at %s (learner.sharding %s)", len(self.learners), address, cfg.learner.sharding)
         self.fetched_bytes = 0
         self.restarts = 0  # hung workers restarted
         self._calls: dict[Any, tuple[str, int]] = {}  # rollout and score calls in flight -> (role, index)

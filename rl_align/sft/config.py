@@ -124,6 +124,10 @@ class SFTConfig:
     # (FluxPolicy.enable_block_checkpointing): the same loss and gradients, attention maps included, for
     # about one more forward of compute; what lets the paper presets' batches fit (benchmarks/memory_plan.py).
     checkpoint_blocks: bool = False
+    # Data-parallel processes (torchrun): "replicate" keeps the whole policy in every process and all-reduces
+    # the gradients; "fsdp" shards the transformer (frozen base, adapters, gradients, AdamW states) over them
+    # with FSDP2 (FluxPolicy.shard_transformer). Evaluation and sample grids then run on every process.
+    sharding: Literal["replicate", "fsdp"] = "replicate"
 
     def __post_init__(self) -> None:
         if self.steps < 1:

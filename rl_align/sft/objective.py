@@ -140,17 +140,25 @@ class StageObjective:
         noise = torch.randn(len(batch.prompts), *shape, generator=generator)
         return noise, sample_timesteps(len(batch.prompts), generator, self.cfg.timesteps)
 
-    def batch_loss(self, batch: SFTBatch, key: int, backward: bool, scale: float = 1.0) -> LossTerms:
+    def batch_loss(self, batch: SFTBatch, key: int, backward: bool, scale: float = 1.0, model_calls: int = 0) -> LossTerms:
         """The batch-mean loss terms; with ``backward`` each group's share of ``scale`` x the loss is
-        back-propagated as it is computed (one group's graph alive at a time)."""
+        back-propagated as it is computed (one group's graph alive at a time).
+
+        ``model_calls``: make at least this many forward (and backward) calls, repeating the last group
+        with weight 0 (exact zero gradients, not counted in the terms): sharded processes make one
+        collective per call, so all of them must make as many."""
         noise, t = self.flow_sample(batch, key)
         size = len(batch.prompts)
+        groups = self.groups(batch)
         sums = None
-        for indices in self.groups(batch):
+        for call in range(max(len(groups), model_calls)):
+            indices = groups[min(call, len(groups) - 1)]
             terms = self.loss(batch.select(indices), noise[indices], t[indices])
-            weight = len(indices) / size
+            weight = len(indices) / size if call < len(groups) else 0.0
             if backward:
                 (scale * weight * terms.total).backward()
+            if call >= len(groups):
+                continue
             weighted = [weight * v.detach() for v in terms]
             sums = weighted if sums is None else [a + b for a, b in zip(sums, weighted)]
         return LossTerms(*sums)
@@ -169,7 +177,8 @@ def train_step(
     key: int,
     learning_rate: float,
     total_samples: int | None = None,
-    all_reduce: Callable[[torch.Tensor], None] | None = None,
+    all_reduce: Callable[..., None] | None = None,
+    sharded: bool = False,
 ) -> StepStats:
     """One optimizer step on ``batch`` with the flow sample drawn from ``key``, finished by the shared
     ``apply_step``: a non-finite loss or gradient skips it with a warning instead of corrupting the adapters.
@@ -177,18 +186,25 @@ def train_step(
     Data-parallel ranks pass ``total_samples`` (the samples of every rank's batch) and an in-place sum
     ``all_reduce``: each rank's loss counts by its share of all samples, gradients and loss terms are
     summed over ranks before clipping, so every rank takes the step of the mean over all samples (or
-    skips it) together; the returned terms are those of all ranks."""
+    skips it) together; the returned terms are those of all ranks. ``sharded`` (the policy is sharded
+    with FSDP2; needs ``all_reduce``): backward sums the gradients itself, and every rank makes as many
+    model calls as the rank with the most conditioning groups."""
     for group in optimizer.param_groups:
         group["lr"] = learning_rate
     optimizer.zero_grad(set_to_none=True)
     share = len(batch.prompts) / total_samples if total_samples is not None else 1.0
-    terms = objective.batch_loss(batch, key, backward=True, scale=share)
+    model_calls = 0
+    if sharded:
+        calls = torch.tensor([float(len(objective.groups(batch)))])
+        all_reduce(calls, "max")
+        model_calls = int(calls)
+    terms = objective.batch_loss(batch, key, backward=True, scale=share, model_calls=model_calls)
     if all_reduce is not None:
         summed = torch.stack([share * v.detach().double().cpu() for v in terms])
         all_reduce(summed)
         terms = LossTerms(*summed.float())
     outcome = apply_step(
-        optimizer, objective.cfg.optim.max_grad_norm, loss_finite=math.isfinite(float(terms.total)), all_reduce=all_reduce,
-        what=f"loss {float(terms.total):.4g} on manifest lines {list(batch.lines)}",
+        optimizer, objective.cfg.optim.max_grad_norm, loss_finite=math.isfinite(float(terms.total)),
+        all_reduce=None if sharded else all_reduce, what=f"loss {float(terms.total):.4g} on manifest lines {list(batch.lines)}",
     )
     return StepStats(terms, outcome.grad_norm, outcome.skipped)

@@ -5,7 +5,9 @@
 
 Under ``torchrun`` each process takes its share of every epoch's batches (``BatchStream`` rank/world),
 gradients and losses are averaged over every process's samples before the step, rank 0 alone writes the
-run folder, and a checkpoint keeps every process's data position.
+run folder, and a checkpoint keeps every process's data position. With ``sharding: fsdp`` the transformer
+is sharded over the processes (FluxPolicy.shard_transformer), and every process takes part in each model
+call: the padded conditioning groups of a step, the evaluation and the sample grids on rank 0's batch.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from policies import FluxPolicy
+from policies import FluxPolicy, full_tensor
 from rl_align.core.checkpoints import Checkpoint, load_checkpoint, remove_stale_files, save_checkpoint
 from rl_align.core.config import save_config
-from rl_align.core.distributed import Communicator, communicator_from_environment
+from rl_align.core.distributed import Communicator, communicator_from_environment, gathered_optimizer_state, load_optimizer_state
 from rl_align.core.errors import ManifestError, RunFolderError, SetupError
 from rl_align.core.images import images_to_uint8
 from rl_align.core.optim import make_optimizer
@@ -208,7 +210,7 @@ def restore(resume: bool, run_dir: Path, cfg: SFTConfig, policy: FluxPolicy, opt
     if len(checkpoint.data_positions) != comm.world:
         raise SetupError(f"the checkpoint was written by {len(checkpoint.data_positions)} process(es); resume it with as many, not {comm.world}")
     policy.load_adapter_state(checkpoint.adapters, source=f"the checkpoint of {run_dir}")
-    optimizer.load_state_dict(checkpoint.optimizer)
+    load_optimizer_state(optimizer, checkpoint.optimizer)
     for name, stream_state in checkpoint.data_positions[comm.rank].items():
         streams[name].load_state(stream_state)
     if comm.main:
@@ -230,7 +232,8 @@ def take_step(step: int, cfg: SFTConfig, objective: StageObjective, optimizer: t
     if comm.world > 1:
         count = torch.tensor([float(len(batch.prompts))])
         comm.all_reduce(count)
-        stats = train_step(objective, optimizer, batch, key, rate, total_samples=int(count), all_reduce=comm.all_reduce)
+        stats = train_step(objective, optimizer, batch, key, rate, total_samples=int(count), all_reduce=comm.all_reduce,
+                           sharded=is_sharded(cfg, comm))
         size = int(count)
     else:
         stats, size = train_step(objective, optimizer, batch, key, rate), len(batch.prompts)
@@ -248,19 +251,27 @@ def step_metrics(record: StepRecord, objective: StageObjective) -> dict[str, flo
     return metrics
 
 
-def evaluate(objective: StageObjective, batch: SFTBatch, key: int, metrics: MetricsLog, step: int) -> dict[str, float]:
-    """Loss terms on the fixed evaluation batch with a fixed flow sample: comparable across steps."""
+def is_sharded(cfg: SFTConfig, comm: Communicator) -> bool:
+    return cfg.sharding == "fsdp" and comm.world > 1
+
+
+def evaluate(objective: StageObjective, batch: SFTBatch, key: int, metrics: MetricsLog | None, step: int) -> dict[str, float]:
+    """Loss terms on the fixed evaluation batch with a fixed flow sample: comparable across steps. Sharded
+    processes all compute them (on rank 0's batch); the one with ``metrics`` writes them."""
     with torch.no_grad():
         terms = objective.batch_loss(batch, key, backward=False).floats()
+    if metrics is None:
+        return terms
     metrics.write(step, {f"eval/{k}": v for k, v in terms.items()})
     log.info("step %d: fixed-batch loss %s", step, ", ".join(f"{k} {v:.5f}" for k, v in terms.items()))
     return terms
 
 
 @torch.no_grad()
-def save_samples(objective: StageObjective, batch: SFTBatch, cfg: SFTConfig, path: Path) -> None:
+def save_samples(objective: StageObjective, batch: SFTBatch, cfg: SFTConfig, path: Path | None) -> None:
     """One row per evaluation sample: its references (stretched to the target size), the target, and an
-    image generated from fixed noise with sample_steps Euler steps in the policy's attention mode."""
+    image generated from fixed noise with sample_steps Euler steps in the policy's attention mode. Sharded
+    processes all generate; only the one given a ``path`` saves."""
     policy = objective.policy
     height, width = batch.targets.shape[-2:]
     noise, _ = objective.flow_sample(batch, key_seed("sft-samples", cfg.run.seed))
@@ -273,13 +284,16 @@ def save_samples(objective: StageObjective, batch: SFTBatch, cfg: SFTConfig, pat
         for i in range(len(indices)):
             references = [F.interpolate(r[i : i + 1], size=(height, width), mode="bilinear")[0] for r in group.references]
             rows.append(torch.stack([*references, group.targets[i], generated[i].cpu()]))
+    if path is None:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image_grid(images_to_uint8(torch.cat(rows)), path, columns=rows[0].shape[0])
 
 
 def adapter_checksum(policy: FluxPolicy) -> float:
-    """A sum of every trainable value: data-parallel processes that took the same steps agree on it exactly."""
-    return float(sum(p.detach().double().sum().cpu() for p in policy.trainable_parameters()))
+    """A sum of every trainable value: data-parallel processes that took the same steps agree on it exactly
+    (sharded ones sum their shards together, so every process gets the whole sum)."""
+    return float(sum(full_tensor(p.detach().double().sum()).cpu() for p in policy.trainable_parameters()))
 
 
 # ---- the recipe -----------------------------------------------------------------------------------------
@@ -305,6 +319,10 @@ def _train(cfg: SFTConfig, resume: Path | None, comm: Communicator, held: ExitSt
         policy = FluxPolicy.from_config(cfg.policy).to(comm.device)
         if cfg.checkpoint_blocks:
             policy.enable_block_checkpointing()
+        sharded = is_sharded(cfg, comm)
+        if sharded:
+            policy.shard_transformer()
+            log.info("transformer sharded over %d processes (FSDP2): base, adapters, gradients and AdamW states", comm.world)
         objective = StageObjective(policy, cfg)
         streams = build_streams(cfg, run_dir, objective, comm)
         optimizer = make_optimizer(policy.trainable_parameters(), cfg.optim)
@@ -314,9 +332,12 @@ def _train(cfg: SFTConfig, resume: Path | None, comm: Communicator, held: ExitSt
 
     eval_stream = streams[objective.stage.eval_source]
     eval_batch = eval_stream.load(eval_stream.plan(0)[0])
+    runs_policy = comm.main or sharded  # sharded processes make every model call together
+    if sharded:
+        eval_batch = comm.broadcast(eval_batch)  # rank 0's, so every process makes the same calls
     eval_key = key_seed("sft-eval", cfg.run.seed)
     metrics = MetricsLog(run_dir, resume_from=start if resume is not None else None) if comm.main else None
-    if comm.main:
+    if runs_policy:
         evaluate(objective, eval_batch, eval_key, metrics, start)  # on resume: the record the purge dropped, recomputed
     terms = objective.plotted_terms()
     progress = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"SFT {cfg.stage}", dynamic_ncols=True, disable=not comm.main)
@@ -328,21 +349,26 @@ def _train(cfg: SFTConfig, resume: Path | None, comm: Communicator, held: ExitSt
             gathered = comm.gather(({n: s.state() for n, s in streams.items()}, adapter_checksum(policy)))
             if len({checksum for _, checksum in gathered}) > 1:
                 raise RuntimeError(f"data-parallel processes hold different adapters after step {done}: {[c for _, c in gathered]}")
-        if not comm.main:
+        if not runs_policy:
             continue
-        metrics.write(step, step_metrics(record, objective))
-        progress.set_postfix(loss=f"{float(record.stats.terms.total):.4f}")
+        if comm.main:
+            metrics.write(step, step_metrics(record, objective))
+            progress.set_postfix(loss=f"{float(record.stats.terms.total):.4f}")
         if due(done, cfg.output.eval_every, cfg.steps):
             evaluate(objective, eval_batch, eval_key, metrics, done)
         if due(done, cfg.output.sample_every, cfg.steps):
-            save_samples(objective, eval_batch, cfg, run_dir / "samples" / f"step-{done:08d}.png")
-        if due(done, cfg.output.plot_every, cfg.steps):
+            save_samples(objective, eval_batch, cfg, run_dir / "samples" / f"step-{done:08d}.png" if comm.main else None)
+        if comm.main and due(done, cfg.output.plot_every, cfg.steps):
             plot_curves(read_metrics(metrics.path), [f"loss/{k}" for k in terms] + [f"eval/{k}" for k in terms] + ["lr", "grad_norm"],
                         run_dir / "loss_curve.png", title=f"SFT {cfg.stage} {run_dir.name}", smooth=5)
-        if checkpoint_due:
-            checkpoint = Checkpoint(done, policy.adapter_state(), optimizer.state_dict(), tuple(states for states, _ in gathered))
-            save_checkpoint(run_dir, checkpoint, keep=cfg.output.keep_checkpoints)
+        if checkpoint_due:  # gathered whole when sharded: every process takes part, rank 0 saves
+            adapters, optimizer_state = policy.adapter_state(), gathered_optimizer_state(optimizer)
+            if comm.main:
+                save_checkpoint(run_dir, Checkpoint(done, adapters, optimizer_state, tuple(states for states, _ in gathered)),
+                                keep=cfg.output.keep_checkpoints)
     summary = {}
+    if sharded and not comm.main:
+        policy.adapter_state()  # rank 0's save_adapters gathers the shards
     if comm.main:
         metrics.close()
         policy.save_adapters(run_dir / "adapters")
