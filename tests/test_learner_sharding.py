@@ -6,7 +6,6 @@ with dual-branch LoRA's layout, MoE-LoRA's routing and the captured attention ma
 from __future__ import annotations
 
 import dataclasses
-import os
 import socket
 from pathlib import Path
 
@@ -77,7 +76,6 @@ def test_two_sharded_ranks_take_the_unsharded_step_through_a_restored_checkpoint
     items = _rollouts(policy_cfg)
     # minibatch k: rank r holds one chunk of each group (the trainer's round robin), 4 samples in all
     steps = [[[items[0], items[2]][r:r + 1] for r in range(2)], [[items[1], items[3]][r:r + 1] for r in range(2)]]
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(_sharded_rank, args=(2, _free_port(), policy_cfg, steps, str(tmp_path)), nprocs=2, join=True)
     sharded = torch.load(tmp_path / "sharded.pt", weights_only=False)
 
