@@ -103,29 +103,9 @@ PRESETS = {
 }
 
 
-@dataclass(frozen=True)
-class Shape:
-    """The FluxTransformer2DModel constructor arguments (diffusers' names)."""
-
-    num_layers: int
-    num_single_layers: int
-    num_attention_heads: int
-    attention_head_dim: int
-    joint_attention_dim: int
-    pooled_projection_dim: int
-    in_channels: int = 4 * LATENT_CHANNELS
-    guidance_embeds: bool = True  # FLUX.1-dev is guidance-distilled
-
-    @property
-    def width(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
-    def axes_dims_rope(self) -> tuple[int, int, int]:
-        return rope_axes(self.attention_head_dim)
-
-    def kwargs(self) -> dict:
-        return dict(patch_size=1, axes_dims_rope=self.axes_dims_rope, **dataclasses.asdict(self))
+def flux_shape(double: int, single: int, heads: int, head_dim: int, text_dim: int, pooled_dim: int) -> "FluxShape":
+    """memory_plan's FluxShape (the FluxTransformer2DModel arguments) with FLUX.1's rope split scaled to head_dim."""
+    return MEMORY_PLAN.FluxShape(double, single, heads, head_dim, text_dim, pooled_dim, axes_dims_rope=rope_axes(head_dim))
 
 
 def rope_axes(head_dim: int) -> tuple[int, int, int]:
@@ -312,6 +292,10 @@ def load_memory_plan():
     return module
 
 
+MEMORY_PLAN = load_memory_plan()
+FluxShape = MEMORY_PLAN.FluxShape
+
+
 @dataclass
 class Plan:
     """Predicted peak bytes per measurement and where the prediction comes from."""
@@ -323,18 +307,17 @@ class Plan:
     static_learner: float  # resident during a learner step: weights, adapters, text encoders + VAE, grads, AdamW
 
 
-def make_plan(policy: FluxPolicy, shape: Shape, layout: TokenLayout, batch: int, window: int, checkpointing: bool,
+def make_plan(policy: FluxPolicy, shape: FluxShape, layout: TokenLayout, batch: int, window: int, checkpointing: bool,
               base_bytes: int, encoders: int, batch_bytes: int) -> Plan:
     """Predicted peaks (memory_plan's parameter count and activation model): rollout = weights + adapters +
     text encoders/VAE + one no-grad forward; learner = that + gradients + AdamW states + the batch + the
     activations of ``window`` forwards; optimizer step = the static part + the fp32 gradient-sized transient."""
-    module = load_memory_plan()
+    module = MEMORY_PLAN
     params = module.count_parameters(policy)
-    plan_shape = module.FluxShape(**{f.name: getattr(shape, f.name) for f in dataclasses.fields(shape)}, axes_dims_rope=shape.axes_dims_rope)
     tokens = module.Tokens(layout.text, layout.noisy, tuple(layout.references), layout.prompt)
-    act = module.training_activations(plan_shape, params, tokens, base_bytes, batch, window)
+    act = module.training_activations(shape, params, tokens, base_bytes, batch, window)
     activations = act.checkpointing if checkpointing else act.no_checkpointing
-    inference = module.inference_peak_bytes(plan_shape, params, tokens, base_bytes, batch)
+    inference = module.inference_peak_bytes(shape, params, tokens, base_bytes, batch)
     weights = base_bytes * params.base + 4 * params.adapters + encoders
     static = weights + 12 * params.trainable + batch_bytes
     return Plan("benchmarks/memory_plan.py (count_parameters, training_activations, inference_peak_bytes)",
@@ -373,7 +356,7 @@ def vae_config(channels: Sequence[int], layers: int) -> dict:
     )
 
 
-def policy_config(rank: int, dtype: str, shape: Shape, text_tokens: int) -> PolicyConfig:
+def policy_config(rank: int, dtype: str, shape: FluxShape, text_tokens: int) -> PolicyConfig:
     """The MultiCrafter preset with source tiny (no weights loaded), the given dtype and adapter rank."""
     cfg = load_config(PolicyConfig, PRESET_CONFIG)
     tiny = TinyFluxConfig(
@@ -388,7 +371,7 @@ def policy_config(rank: int, dtype: str, shape: Shape, text_tokens: int) -> Poli
     )
 
 
-def build_policy(cfg: PolicyConfig, shape: Shape, preset: Preset, device: torch.device, text_tokens: int) -> FluxPolicy:
+def build_policy(cfg: PolicyConfig, shape: FluxShape, preset: Preset, device: torch.device, text_tokens: int) -> FluxPolicy:
     """FluxPolicy(components, cfg) around a FLUX-shaped transformer and VAE constructed directly on ``device`` in
     ``cfg.dtype`` (no CPU init of 12B parameters), and the tiny preset's text encoders at FLUX's widths."""
     dtype = getattr(torch, cfg.dtype)
@@ -467,7 +450,7 @@ def format_table(rows: Sequence[Row], roofline: float | None) -> list[str]:
 def run(args: argparse.Namespace, out: Callable[[str], None]) -> dict:
     """Build, count, measure and print; returns the numbers (rows, FLOPs, parameter counts, plan)."""
     device = torch.device(args.device)
-    shape = Shape(args.layers, args.single_layers, args.heads, args.head_dim, args.text_dim, args.pooled_dim)
+    shape = flux_shape(args.layers, args.single_layers, args.heads, args.head_dim, args.text_dim, args.pooled_dim)
     base_bytes = torch.finfo(getattr(torch, args.dtype)).bits // 8
     roofline, fp32_peak, roofline_text = detect_roofline(device, args.peak_tflops)
     if args.tf32 and device.type == "cuda":

@@ -28,7 +28,7 @@ def bench():
 
 
 def tiny_policy(bench, double=1, single=1, heads=2, head_dim=16, text_dim=24, pooled_dim=20, rank=4):
-    shape = bench.Shape(double, single, heads, head_dim, text_dim, pooled_dim)
+    shape = bench.flux_shape(double, single, heads, head_dim, text_dim, pooled_dim)
     preset = bench.Preset(double, single, heads, head_dim, text_dim, pooled_dim, rank, 64, 32, 8, (32, 32, 32, 32), 1, 1)
     cfg = bench.policy_config(rank, "float32", shape, text_tokens=8)
     return bench.build_policy(cfg, shape, preset, torch.device("cpu"), text_tokens=8), shape
