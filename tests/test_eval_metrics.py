@@ -25,7 +25,7 @@ from rl_align.core.errors import SetupError
 from rl_align.core.synthetic import ShapeSubject, render_reference
 from rl_align.eval.config import MetricsConfig
 from clip_helpers import TINY, register_tiny_clip, tiny_clip
-from rl_align.eval.metrics import OVERALL, MetricBackends, Summary, summarize, table_csv, table_markdown
+from rl_align.eval.metrics import OVERALL, MetricBackends, Summary, paired_differences, summarize, table_csv, table_markdown
 
 def _images(seed: int, count: int, size: int = 40) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -237,6 +237,28 @@ def test_summaries_against_an_independent_bootstrap():
     assert summarize(per_task, 4000, 0.95, 1) == out  # seeded: the same resamples for every policy
 
 
+def test_paired_differences_against_an_independent_paired_bootstrap():
+    """Tasks differ in difficulty far more than the policies do: the rows' intervals overlap, the paired
+    difference's interval is narrow and excludes 0, as scipy's bootstrap of the per-task differences says."""
+    rng = np.random.default_rng(0)
+    difficulty = rng.uniform(0.0, 0.6, 64)
+    base = {"id": difficulty + rng.normal(0, 0.01, 64), "subjects_found": rng.integers(0, 3, 64).astype(float)}
+    ippo = {"id": base["id"] + 0.02 + rng.normal(0, 0.01, 64), "subjects_found": base["subjects_found"].copy()}
+    base["id"][:4] = ippo["id"][:4] = np.nan  # a metric that does not apply to some tasks
+    rows = {name: summarize(v, 4000, 0.95, 1) for name, v in (("base", base), ("ippo", ippo))}
+    assert rows["ippo"]["id"].low < rows["base"]["id"].high  # unpaired, the gain is inside the noise
+    out = paired_differences(ippo, base, 4000, 0.95, 1)
+    gain = ippo["id"][4:] - base["id"][4:]
+    assert out["id"].mean == pytest.approx(gain.mean()) and out["id"].mean == pytest.approx(rows["ippo"]["id"].mean - rows["base"]["id"].mean)
+    reference = stats.bootstrap((gain,), np.mean, n_resamples=4000, confidence_level=0.95, method="percentile", random_state=3).confidence_interval
+    width = reference.high - reference.low
+    assert out["id"].low == pytest.approx(reference.low, abs=0.1 * width) and out["id"].high == pytest.approx(reference.high, abs=0.1 * width)
+    assert 0 < out["id"].low < out["id"].high and out["id"].tasks == 60
+    assert out["subjects_found"] == Summary(0.0, 0.0, 0.0, 64)  # the same counts: no difference, and no interval
+    assert out[OVERALL].mean == pytest.approx(rows["ippo"][OVERALL].mean - rows["base"][OVERALL].mean)
+    assert paired_differences(base, ippo, 4000, 0.95, 1)["id"].mean == pytest.approx(-gain.mean())  # policy minus reference
+
+
 def test_table_has_table_1_layout_with_intervals_and_dashes():
     rows = {
         "base": {"clip_t": Summary(0.26, 0.25, 0.27, 4), "face_sim": Summary(float("nan"), float("nan"), float("nan"), 0), OVERALL: Summary(0.26, 0.25, 0.27, 4)},
@@ -246,5 +268,12 @@ def test_table_has_table_1_layout_with_intervals_and_dashes():
     assert lines[0] == "| Policy | CLIP-T | Face-Sim | Overall AVG |"
     assert lines[2] == "| base | 0.2600 [0.2500, 0.2700] | — | 0.2600 [0.2500, 0.2700] |"
     assert lines[3].startswith("| ippo | 0.2800 [0.2700, 0.2900] | 0.5000 [0.4000, 0.6000] |")
+    assert len(lines) == 6  # no difference table without differences
+    differences = {"ippo": {"clip_t": Summary(0.02, -0.005, 0.04, 4), "face_sim": Summary(float("nan"), float("nan"), float("nan"), 0),
+                            OVERALL: Summary(0.02, 0.001, 0.04, 4)}}
+    lines = table_markdown(rows, ["clip_t", "face_sim"], 0.95, differences, "base").splitlines()
+    assert lines[7] == "| Difference from base | CLIP-T | Face-Sim | Overall AVG |"
+    assert lines[9] == "| ippo - base | +0.0200 [-0.0050, +0.0400] | — | +0.0200 [+0.0010, +0.0400] |"
+    assert lines[11].startswith("Paired:")
     csv = table_csv(rows, ["clip_t", "face_sim"]).splitlines()
     assert csv[0] == "policy,metric,mean,low,high,tasks" and "ippo,face_sim,0.500000,0.400000,0.600000,4" in csv

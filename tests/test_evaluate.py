@@ -50,6 +50,11 @@ def test_compare_writes_every_output_and_identical_policies_give_identical_rows(
     assert report["tasks"] == 3 and report["images_per_task"] == 2 and list(report["policies"]) == ["a", "b", "c"]
     a, b = report["policies"]["a"], report["policies"]["b"]
     assert a["aggregate"] == b["aggregate"] and a["tasks"] == b["tasks"]
+    assert "difference" not in a and b["difference"]["from"] == "a" and report["policies"]["c"]["difference"]["from"] == "a"
+    assert all(s == {"mean": 0.0, "low": 0.0, "high": 0.0, "tasks": 3} for s in b["difference"]["aggregate"].values())  # b is a, task by task
+    c = report["policies"]["c"]
+    assert c["difference"]["aggregate"]["id"]["mean"] == pytest.approx(c["aggregate"]["id"]["mean"] - a["aggregate"]["id"]["mean"])
+    assert "| b - a | +0.0000 [+0.0000, +0.0000] |" in result.stdout and "| c - a |" in result.stdout
     assert set(a["aggregate"]) == {*METRICS, "overall"} and len(a["tasks"]) == 3
     assert all(len(task["per_image"]["id"]) == 2 for task in a["tasks"])
     table = (folder / "table.md").read_text().splitlines()
@@ -118,3 +123,22 @@ def test_bad_specs_and_missing_backends_are_one_line_errors(tmp_path, capsys):
     bad_key = _evaluate("--config", str(QUICKSTART), "--compare", f"a={TINY}", "generation.nmu_images=2")
     assert bad_key.returncode == 2 and "nmu_images" in bad_key.stderr and "num_images" in bad_key.stderr
     assert not any(tmp_path.glob("eval-*"))  # nothing was created by a run that could not start
+
+
+def test_synthetic_benchmark_tasks_are_distinct():
+    """The images of every task start from the same seeds, so a repeated task would count one task's
+    scores twice: the draws skip repeats, and a benchmark larger than the distinct tasks is an error."""
+    from rl_align.core.errors import SetupError
+    from rl_align.eval.evaluate import benchmark_tasks
+    from rl_align.ippo.tasks import SyntheticShapeTasks
+
+    cfg = load_config(EvalConfig, QUICKSTART, ["num_tasks=64"])
+    tasks = benchmark_tasks(cfg)
+    draws = [SyntheticShapeTasks(cfg.tasks, cfg.task_seed).task(0, i).prompt for i in range(64)]
+    assert len(set(draws)) < 64  # the plain draws repeat tasks
+    prompts = [t.prompt for t in tasks]
+    assert len(set(prompts)) == 64 and prompts[:5] == draws[:5]  # the first draws, in order, then the next new ones
+    singles = load_config(EvalConfig, QUICKSTART, ["num_tasks=32", "tasks.max_subjects=1"])
+    assert len({t.prompt for t in benchmark_tasks(singles)}) == 32  # every colour x shape once
+    with pytest.raises(SetupError, match="num_tasks=33.*only 32 distinct"):
+        benchmark_tasks(load_config(EvalConfig, QUICKSTART, ["num_tasks=33", "tasks.max_subjects=1"]))

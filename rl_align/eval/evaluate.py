@@ -3,7 +3,8 @@ from the same seeds, the Table 1 metrics score them, and the eval folder gets
 
     config.yaml          the resolved EvalConfig
     metrics.json         per policy: the aggregate (mean, interval, tasks) and every task's per-image scores
-    table.md, table.csv  Table 1's layout: a row per policy, mean [95% bootstrap interval] per metric
+    table.md, table.csv  Table 1's layout: a row per policy, mean [95% bootstrap interval] per metric; table.md
+                         and metrics.json also hold every other policy's paired difference from the first
     images/<policy>/task-NNNN-KK.png   the generated images
     grids/task-NNNN.png  per task, a row per policy: the references, then the K images
     log.txt
@@ -27,7 +28,7 @@ from rl_align.core.runs import RunConfig, create_run_dir, setup_logging
 from rl_align.core.tracking import save_image_grid
 from rl_align.eval.config import EvalConfig
 from rl_align.eval.generation import PolicySource, generate, generation_settings, load_policy, resolve_policy, save_png
-from rl_align.eval.metrics import MetricBackends, Summary, nanmean, summarize, table_csv, table_markdown
+from rl_align.eval.metrics import MetricBackends, Summary, nanmean, paired_differences, summarize, table_csv, table_markdown
 from rl_align.ippo.tasks import ManifestTasks, SyntheticShapeTasks, Task
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class PolicyScores(NamedTuple):
 class EvalResult(NamedTuple):
     eval_dir: Path
     rows: dict[str, dict[str, Summary]]  # policy -> metric -> Summary (with "overall")
+    differences: dict[str, dict[str, Summary]]  # every policy but the first -> metric -> its paired difference from the first
 
 
 # ---- phases ---------------------------------------------------------------------------------------------
@@ -54,14 +56,27 @@ def open_eval(cfg: EvalConfig) -> Path:
     return eval_dir
 
 
+# Synthetic draws tried per task asked for before the benchmark is refused for lack of distinct tasks.
+DRAWS_PER_TASK = 50
+
+
 def benchmark_tasks(cfg: EvalConfig) -> list[Task]:
-    """The benchmark: the manifest's tasks (the first num_tasks, 0 = all) or num_tasks synthetic tasks
-    drawn with task_seed."""
+    """The benchmark: the manifest's tasks (the first num_tasks, 0 = all) or num_tasks distinct synthetic
+    tasks drawn with task_seed. A repeated synthetic draw is skipped: every task's images start from the
+    same seeds, so a repeat would be a copy of another task's scores, counted twice (the singles have only
+    32 distinct tasks: 8 colours x 4 shapes)."""
     if cfg.tasks.source == "manifest":
         tasks = ManifestTasks(cfg.tasks.manifest, seed=cfg.task_seed).tasks
         return tasks[: cfg.num_tasks] if cfg.num_tasks else tasks
     source = SyntheticShapeTasks(cfg.tasks, cfg.task_seed)
-    return [source.task(0, index) for index in range(cfg.num_tasks)]
+    tasks: dict[str, Task] = {}
+    for draw in range(DRAWS_PER_TASK * cfg.num_tasks):
+        task = source.task(0, draw)
+        tasks.setdefault(task.prompt, task)  # the prompt names every subject, and a subject's reference is rendered from its name
+        if len(tasks) == cfg.num_tasks:
+            return list(tasks.values())
+    raise SetupError(f"num_tasks={cfg.num_tasks}: {DRAWS_PER_TASK * cfg.num_tasks} draws of synthetic tasks with "
+                     f"{cfg.tasks.min_subjects}-{cfg.tasks.max_subjects} subjects gave only {len(tasks)} distinct ones")
 
 
 def policy_sources(cfg: EvalConfig) -> dict[str, PolicySource]:
@@ -107,10 +122,15 @@ def save_grids(tasks: Sequence[Task], names: Sequence[str], cfg: EvalConfig, eva
         save_image_grid(np.stack(tiles), folder / f"task-{index:04d}.png", columns=len(references) + cfg.generation.num_images, captions=captions)
 
 
-def write_results(tasks: Sequence[Task], sources: dict[str, PolicySource], scores: dict[str, PolicyScores], cfg: EvalConfig, eval_dir: Path) -> dict[str, dict[str, Summary]]:
-    """metrics.json, table.md and table.csv; returns each policy's summaries."""
+def write_results(tasks: Sequence[Task], sources: dict[str, PolicySource], scores: dict[str, PolicyScores], cfg: EvalConfig,
+                  eval_dir: Path) -> tuple[dict[str, dict[str, Summary]], dict[str, dict[str, Summary]]]:
+    """metrics.json, table.md and table.csv; returns each policy's summaries and every other policy's
+    paired differences from the first."""
     metrics = list(cfg.metrics.metrics)
     rows = {name: summarize(s.per_task, cfg.bootstrap_samples, cfg.confidence, cfg.task_seed) for name, s in scores.items()}
+    reference, *others = scores
+    differences = {name: paired_differences(scores[name].per_task, scores[reference].per_task, cfg.bootstrap_samples, cfg.confidence, cfg.task_seed)
+                   for name in others}
     report = {
         "benchmark": cfg.tasks.manifest or f"synthetic (task_seed {cfg.task_seed})",
         "tasks": len(tasks),
@@ -122,6 +142,8 @@ def write_results(tasks: Sequence[Task], sources: dict[str, PolicySource], score
         report["policies"][name] = {
             "generation": generation_settings(cfg.generation, source),
             "aggregate": {metric: summary._asdict() for metric, summary in rows[name].items()},
+            **({"difference": {"from": reference, "aggregate": {metric: summary._asdict() for metric, summary in differences[name].items()}}}
+               if name in differences else {}),
             "tasks": [
                 {
                     "index": index,
@@ -134,9 +156,9 @@ def write_results(tasks: Sequence[Task], sources: dict[str, PolicySource], score
             ],
         }
     (eval_dir / "metrics.json").write_text(json.dumps(report, indent=2, default=_finite_or_none))
-    (eval_dir / "table.md").write_text(table_markdown(rows, metrics, cfg.confidence))
+    (eval_dir / "table.md").write_text(table_markdown(rows, metrics, cfg.confidence, differences, reference))
     (eval_dir / "table.csv").write_text(table_csv(rows, metrics))
-    return rows
+    return rows, differences
 
 
 def _finite_or_none(value) -> float | None:
@@ -158,9 +180,9 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     log.info("%d tasks x %d images, policies %s, metrics %s", len(tasks), cfg.generation.num_images, ", ".join(sources), ", ".join(cfg.metrics.metrics))
     scores = {name: generate_and_score(name, source, tasks, backends, cfg, eval_dir) for name, source in sources.items()}
     save_grids(tasks, list(sources), cfg, eval_dir)
-    rows = write_results(tasks, sources, scores, cfg, eval_dir)
+    rows, differences = write_results(tasks, sources, scores, cfg, eval_dir)
     log.info("table in %s", eval_dir / "table.md")
-    return EvalResult(eval_dir, rows)
+    return EvalResult(eval_dir, rows, differences)
 
 
 __all__ = ["EvalResult", "evaluate"]

@@ -6,6 +6,10 @@ bootstrap interval from resampling the tasks (the same resamples for every polic
 identical policies get identical rows). A metric that does not apply to a task (Face-Sim on a task
 without faces) is NaN there and left out of that metric's mean. Overall is Table 1's "AVG": the mean of
 the similarity columns present, computed on each resample too.
+
+Every policy runs the same tasks from the same seeds, so two policies are also compared task by task
+(``paired_differences``): the interval of the per-task difference is the interval of the gain itself,
+freed of how hard the sampled tasks happen to be, and narrower than either row's.
 """
 
 from __future__ import annotations
@@ -66,14 +70,28 @@ def summarize(per_task: Mapping[str, np.ndarray], samples: int, confidence: floa
     return out
 
 
-def _cell(summary: Summary | None) -> str:
+def paired_differences(per_task: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], samples: int, confidence: float,
+                       seed: int) -> dict[str, Summary]:
+    """metric -> (T,) per-task means of a policy and of the reference policy, on the same tasks ->
+    metric -> Summary of policy - reference: the mean difference over tasks and its percentile bootstrap
+    interval from resampling the tasks' differences (the resamples of ``summarize``). OVERALL is the
+    difference of the two Overall AVGs."""
+    return summarize({m: np.asarray(per_task[m], dtype=np.float64) - np.asarray(reference[m], dtype=np.float64) for m in reference},
+                     samples, confidence, seed)
+
+
+def _cell(summary: Summary | None, signed: bool = False) -> str:
     if summary is None or not np.isfinite(summary.mean):
         return "—"
-    return f"{summary.mean:.4f} [{summary.low:.4f}, {summary.high:.4f}]"
+    number = "{:+.4f}" if signed else "{:.4f}"
+    return f"{number.format(summary.mean)} [{number.format(summary.low)}, {number.format(summary.high)}]"
 
 
-def table_markdown(rows: Mapping[str, Mapping[str, Summary]], metrics: Sequence[str], confidence: float) -> str:
-    """Table 1's layout: a row per policy, a column per metric (mean [interval]), then Overall AVG."""
+def table_markdown(rows: Mapping[str, Mapping[str, Summary]], metrics: Sequence[str], confidence: float,
+                   differences: Mapping[str, Mapping[str, Summary]] | None = None, reference: str = "") -> str:
+    """Table 1's layout: a row per policy, a column per metric (mean [interval]), then Overall AVG; with
+    ``differences`` (policy -> its ``paired_differences`` from the ``reference`` policy) a second table
+    of signed differences, a row per other policy."""
     columns = list(metrics) + [OVERALL]
     titles = [METRIC_TITLES.get(m, "Overall AVG") for m in columns]
     lines = [
@@ -84,6 +102,13 @@ def table_markdown(rows: Mapping[str, Mapping[str, Summary]], metrics: Sequence[
         lines.append(f"| {policy} | " + " | ".join(_cell(summaries.get(m)) for m in columns) + " |")
     lines.append("")
     lines.append(f"Mean over tasks of the per-task mean over images; [{confidence:.0%} percentile bootstrap interval over tasks]; — : the metric does not apply.")
+    if differences:
+        lines += ["", f"| Difference from {reference} | " + " | ".join(titles) + " |", "| --- | " + " | ".join("---" for _ in columns) + " |"]
+        for policy, summaries in differences.items():
+            lines.append(f"| {policy} - {reference} | " + " | ".join(_cell(summaries.get(m), signed=True) for m in columns) + " |")
+        lines.append("")
+        lines.append(f"Paired: the mean over tasks of the per-task difference (same tasks, same seeds); [{confidence:.0%} percentile bootstrap "
+                     "interval over tasks]; an interval that excludes 0 is a difference the sampled tasks do not explain.")
     return "\n".join(lines) + "\n"
 
 
