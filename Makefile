@@ -3,6 +3,7 @@
 #   make test    checks the import contracts and lints (pyproject.toml), then runs the test suite
 #                (what CI runs through .ci/run)
 #   make eval    evaluates the base against the newest IPPO run of `make train` on held-out synthetic tasks
+#                (WARM=runs/<sft run> adds an IDAR warm start)
 # Both create the virtual environment in $(VENV) when it is missing or out of date.
 PYTHON ?= python3
 VENV ?= .venv
@@ -28,11 +29,13 @@ $(STAMP): pyproject.toml constraints.txt
 train: $(STAMP)
 	$(PY) scripts/train_gspo.py $(ARGS)
 
-# The newest run folder of `make train` (or RUN=runs/<name>) against the base it started from.
+# The newest run folder of `make train` (or RUN=runs/<name>) against the base it started from; with
+# WARM=runs/<sft run> (configs/sft/quickstart_idar.yaml) also the warm start, between them.
 RUN ?= $(shell ls -td runs/gspo-* 2>/dev/null | head -1)
+WARM ?=
 eval: $(STAMP)
 	@test -n "$(RUN)" || { echo "make eval: no runs/gspo-* folder; run make train first (or give RUN=runs/<name>)"; exit 2; }
-	$(PY) scripts/evaluate.py --config configs/eval/quickstart.yaml --compare base=configs/policy/tiny_base.yaml ippo=$(RUN) $(ARGS)
+	$(PY) scripts/evaluate.py --config configs/eval/quickstart.yaml --compare base=configs/policy/tiny_base.yaml $(if $(WARM),warm=$(WARM)) ippo=$(RUN) $(ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/lint-imports

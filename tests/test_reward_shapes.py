@@ -19,7 +19,8 @@ from rewards.identity import IdentityScorer
 from rewards.server import build_app, running_server
 from rewards.shapes import ShapeSubjectEmbedder, locate_subjects
 from rl_align.core.config import ConfigError, load_config
-from rl_align.core.synthetic import ShapeSubject, compose_scene, render_reference, sample_subjects
+from rl_align.eval.config import EvalConfig
+from rl_align.core.synthetic import SHAPES, ShapeSubject, compose_scene, render_reference, sample_subjects
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = ShapesConfig()
@@ -104,6 +105,22 @@ def test_small_subjects_of_a_32_px_scene_survive_noise_and_blur():
         assert len(located.boxes) == 4, (seed, located.boxes)
         for mask in masks:
             assert max(_iou(mask, found) for found in located.masks) > 0.7, seed
+
+
+def test_the_quickstart_drops_specks_but_keeps_the_smallest_scene_subject():
+    # Synthetic scenes draw sides of 1/4 to 1/2 of the image; a 4 px speck in a 32 px image (1.6%) is
+    # what the tiny base scatters around its subjects, and one of a referenced colour would match.
+    preset = load_config(RewardConfig, ROOT / "configs" / "rewards" / "synthetic_shapes.yaml").object.shapes
+    assert load_config(EvalConfig, ROOT / "configs" / "eval" / "quickstart.yaml").metrics.object.shapes == preset
+    for shape in SHAPES:
+        image, masks = compose_scene([ShapeSubject(shape, "red")], 32, np.random.default_rng(0), 0.25, 0.25)
+        located = locate_subjects(image, preset)
+        assert len(located.boxes) == 1, shape
+        assert _iou(masks[0], located.masks[0]) > 0.9, shape
+    speck, _ = _scene([(BLUE_SQUARE, 3, 3, 4), (RED_CIRCLE, 14, 14, 12)], size=32)
+    assert len(locate_subjects(speck, CFG).boxes) == 2
+    located = locate_subjects(speck, preset)
+    assert len(located.boxes) == 1 and located.boxes[0][0] >= 14
 
 
 def test_similarity_weighs_colour_and_shape():

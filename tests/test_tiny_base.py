@@ -16,6 +16,8 @@ from policies import FluxPolicy, PolicyConfig, TinyFluxConfig
 from rl_align.core.config import load_config
 from rl_align.core.tiny_base import TinyBaseConfig, base_policy_config, build_tiny_base, ensure_base, scene_batch, train_base
 from rl_align.ippo.config import GSPOTrainConfig
+from rl_align.sft.config import SFTConfig
+from rl_align.sft.stages import stage_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = TinyBaseConfig(model=TinyFluxConfig(), steps=3, batch_size=4, sample_steps=2)
@@ -77,3 +79,14 @@ def test_the_quickstart_trains_on_the_base_with_the_multi_subject_reward():
     assert cfg.base.image_size == cfg.rollout.image_size and cfg.base.reference_size == cfg.rollout.reference_size
     assert cfg.reward.resolved_weights() == {"id": 1.0, "subject_count": 0.1, "background": 0.1}
     assert cfg.reward.object.backend == "shapes" and cfg.reward.id_kinds == ("object",)
+
+
+def test_the_quickstart_warm_start_trains_the_quickstart_policy_on_the_base_scenes():
+    ippo = load_config(GSPOTrainConfig, ROOT / "configs" / "quickstart.yaml")
+    sft = load_config(SFTConfig, ROOT / "configs" / "sft" / "quickstart_idar.yaml")
+    assert sft.stage == "idar" and sft.idar.attention_weight == 0.3  # MultiCrafter Appendix B
+    # The run's policy.yaml is what train_gspo.py then loads: the same base and adapters as the quickstart.
+    assert stage_policy(sft.policy, sft.stage) == ippo.policy
+    assert sft.data.target_size == sft.data.synthetic.image_size == ippo.base.image_size
+    assert sft.data.reference_size == sft.data.synthetic.reference_size == ippo.base.reference_size
+    assert sft.optim.learning_rate == ippo.learner.learning_rate
