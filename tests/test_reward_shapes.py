@@ -19,8 +19,8 @@ from rewards.identity import IdentityScorer
 from rewards.server import build_app, running_server
 from rewards.shapes import ShapeSubjectEmbedder, locate_subjects
 from rl_align.core.config import ConfigError, load_config
-from rl_align.eval.config import EvalConfig
 from rl_align.core.synthetic import SHAPES, ShapeSubject, compose_scene, render_reference, sample_subjects
+from rl_align.eval.config import EvalConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = ShapesConfig()
