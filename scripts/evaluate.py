@@ -5,7 +5,7 @@ rl_align/eval/evaluate.py.
     python scripts/evaluate.py --config configs/eval/multi_human.yaml --compare sft=runs/<sft> ippo=runs/<ippo> num_tasks=100
 
 Each policy (NAME=SPEC, SPEC as in scripts/generate.py: RUN_DIR | POLICY.yaml | DIFFUSERS_DIR, optionally
-@ADAPTERS) generates generation.num_images images per task from the same seeds; the eval folder gets
+@ADAPTERS_DIR or @CHECKPOINT.pt) generates generation.num_images images per task from the same seeds; the eval folder gets
 metrics.json, table.md and table.csv (a row per policy, 95% bootstrap intervals over tasks), the images
 and per-task grids. Trailing key=value arguments override the config.
 """

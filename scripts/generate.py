@@ -8,7 +8,8 @@ rl_align/eval/generation.py.
     python scripts/generate.py --policy /models/FLUX.1-dev@runs/<run>/adapters --height 512 --width 512 --steps 28 ...
 
 --policy is a run folder (its policy.yaml and adapters/), a policy YAML file, or a local diffusers folder,
-each optionally followed by @ADAPTERS. Trailing key=value arguments override the policy config
+each optionally followed by @ADAPTERS (an adapter folder, or after a run folder or policy YAML a checkpoint
+file such as runs/<run>/checkpoints/iteration-00000060.pt). Trailing key=value arguments override the policy config
 (attention.dynamic_routing=true is the same as --dynamic-routing). Writes image-KK.png (one prompt) or
 task-NNNN/image-KK.png (a manifest) and generation.json; the same arguments give byte-identical PNGs.
 """
@@ -34,7 +35,7 @@ from rl_align.ippo.tasks import ManifestTasks, Task
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = GenerationConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--policy", required=True, help="RUN_DIR | POLICY.yaml | DIFFUSERS_DIR, optionally @ADAPTERS_DIR")
+    parser.add_argument("--policy", required=True, help="RUN_DIR | POLICY.yaml | DIFFUSERS_DIR, optionally @ADAPTERS_DIR or @CHECKPOINT.pt")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="the prompt (each reference's caption should occur in it)")
     what.add_argument("--tasks", help="a JSON Lines task manifest (the RL task format): every task is generated")

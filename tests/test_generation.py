@@ -17,6 +17,7 @@ import yaml
 from policies import AttentionConfig, AttentionSwitches, ConditionPromptConfig, FluxPolicy, PolicyConfig
 from policies.components import build_tiny_components, save_components
 from policies.policy import with_adapters_of
+from rl_align.core.checkpoints import Checkpoint, save_checkpoint
 from rl_align.core.config import load_config, save_config
 from rl_align.core.errors import SetupError
 from rl_align.core.synthetic import ShapeSubject, render_reference
@@ -128,7 +129,7 @@ def test_policy_specs_resolve_run_folders_yaml_files_and_diffusers_folders(tmp_p
 
     for spec, message in [
         (str(tmp_path / "missing"), "is not a run folder"),
-        (f"{run}@{tmp_path / 'nope'}", "adapter folder .* does not exist"),
+        (f"{run}@{tmp_path / 'nope'}", "nope is neither an adapter folder nor a checkpoint file"),
     ]:
         with pytest.raises(SetupError, match=message):
             resolve_policy(spec)
@@ -139,6 +140,30 @@ def test_policy_specs_resolve_run_folders_yaml_files_and_diffusers_folders(tmp_p
     wrong = PolicySource("x", PolicyConfig(), run / "adapters")  # adapters of another attention mode
     with pytest.raises(SetupError, match="policy 'x'.*static_routing"):
         load_policy(wrong)
+
+
+def test_a_run_checkpoint_names_the_adapters_of_that_iteration(tmp_path):
+    trained = _policy(static_routing=True)
+    run = tmp_path / "run"
+    trained.save_adapters(run / "adapters")
+    save_config(trained.cfg, run / "policy.yaml")
+    earlier = _policy(static_routing=True)
+    randomize_adapters(earlier, seed=4)  # the policy as it was at that checkpoint, not the final one
+    checkpoint = save_checkpoint(run, Checkpoint(completed=60, adapters=earlier.adapter_state(), optimizer={}))
+    source = resolve_policy(f"{run}@{checkpoint}")
+    assert source.adapters == checkpoint and source.config.attention.static_routing
+    images = generate(load_policy(source), TASK, SMALL)
+    assert np.array_equal(images, generate(earlier, TASK, SMALL)) and not np.array_equal(images, generate(trained, TASK, SMALL))
+
+    base = tmp_path / "flux"
+    save_components(build_tiny_components(PolicyConfig().tiny), base)
+    with pytest.raises(SetupError, match="does not record its adapter layout.*RUN@"):
+        resolve_policy(f"{base}@{checkpoint}")
+    with pytest.raises(SetupError, match="neither an adapter folder nor a checkpoint file"):
+        resolve_policy(f"{run}@{run / 'policy.yaml'}")
+    checkpoint.write_bytes(checkpoint.read_bytes()[:-8])  # truncated: its checksum no longer matches
+    with pytest.raises(SetupError, match=f"policy '{run}@{checkpoint}'.*damaged"):
+        load_policy(resolve_policy(f"{run}@{checkpoint}"))
 
 
 def _generate(*args: str) -> subprocess.CompletedProcess:

@@ -66,7 +66,7 @@ class EvalConfig:
     output_root: str = "evals"  # eval folders are created under this directory
     name: str = ""  # folder name; empty means "eval-<YYYYmmdd-HHMMSS>"
     # Policies to compare, each "NAME=SPEC" with SPEC as in scripts/generate.py (RUN_DIR | POLICY.yaml |
-    # DIFFUSERS_DIR, optionally @ADAPTERS); --compare on the command line replaces them.
+    # DIFFUSERS_DIR, optionally @ADAPTERS_DIR or @CHECKPOINT.pt); --compare on the command line replaces them.
     policies: tuple[str, ...] = ()
     # The benchmark: a task manifest (the RL task format, e.g. a test.jsonl of scripts/build_benchmark.py)
     # or synthetic shape tasks drawn with task_seed (which differs from training's run.seed, so they are

@@ -8,7 +8,10 @@ A policy is named by a spec, ``PATH[@ADAPTERS]``:
   policy with freshly initialized adapters, which leave the base unchanged (every LoRA's B is zero);
 - a local diffusers folder (``model_index.json`` or ``transformer/``): the base model alone; with ``@ADAPTERS`` the adapter
   layout and attention mode come from the adapter folder's ``adapter_config.json``.
-``@ADAPTERS`` loads those adapters instead of the run's. The policy runs in its attention mode
+``@ADAPTERS`` loads those adapters instead of the run's: an adapter folder, or a checkpoint file of a run
+(``checkpoints/iteration-N.pt`` of ``scripts/train_gspo.py`` or ``scripts/sft.py``) after a run folder or a
+policy YAML file, which say the adapter layout a checkpoint does not record: ``runs/R@runs/R/checkpoints/
+iteration-00000060.pt`` evaluates the policy after 60 iterations as it is. The policy runs in its attention mode
 (``PolicyConfig.attention``: static routing, temperature, dynamic routing) exactly as RL rolls it out.
 
 Image k of every task starts from noise keyed by ``seed + k`` alone, so every policy and every task see the
@@ -31,8 +34,9 @@ from PIL import Image
 
 from policies import FluxPolicy, PolicyConfig
 from policies.policy import with_adapters_of
+from rl_align.core.checkpoints import load_checkpoint
 from rl_align.core.config import apply_overrides, load_config
-from rl_align.core.errors import SetupError
+from rl_align.core.errors import RunFolderError, SetupError
 from rl_align.core.images import images_to_uint8
 from rl_align.ippo.rollout import condition_task
 from rl_align.ippo.tasks import Task
@@ -44,6 +48,7 @@ log = logging.getLogger(__name__)
 
 POLICY_FILE = "policy.yaml"
 ADAPTERS_FOLDER = "adapters"
+CHECKPOINT_SUFFIX = ".pt"
 
 
 @dataclass(frozen=True)
@@ -86,8 +91,8 @@ def resolve_policy(spec: str, overrides: Sequence[str] = ()) -> PolicySource:
     path_text, _, adapters_text = spec.partition("@")
     path = Path(path_text)
     adapters = Path(adapters_text) if adapters_text else None
-    if adapters is not None and not adapters.is_dir():
-        raise SetupError(f"policy {spec!r}: adapter folder {adapters} does not exist")
+    if adapters is not None and not (adapters.is_dir() or (adapters.is_file() and adapters.suffix == CHECKPOINT_SUFFIX)):
+        raise SetupError(f"policy {spec!r}: {adapters} is neither an adapter folder nor a checkpoint file (*{CHECKPOINT_SUFFIX})")
     overrides = list(overrides)
     if path.is_dir() and (path / POLICY_FILE).is_file():
         run_adapters = path / ADAPTERS_FOLDER
@@ -100,6 +105,8 @@ def resolve_policy(spec: str, overrides: Sequence[str] = ()) -> PolicySource:
         config = load_config(PolicyConfig, path, overrides)
     elif path.is_dir() and ((path / "model_index.json").is_file() or (path / "transformer").is_dir()):
         base = load_config(PolicyConfig, None, ["source=local", f"path={path}", "lora.enabled=false", "moe_lora.enabled=false"])
+        if adapters is not None and adapters.is_file():
+            raise SetupError(f"policy {spec!r}: checkpoint {adapters} does not record its adapter layout; name its run folder instead (RUN@{adapters})")
         if adapters is not None:
             try:
                 base = with_adapters_of(base, adapters)
@@ -117,9 +124,11 @@ def load_policy(source: PolicySource, device: str = "cpu") -> FluxPolicy:
     """Build the policy and load its adapters; errors name the spec."""
     try:
         policy = FluxPolicy.from_config(source.config)
-        if source.adapters is not None:
+        if source.adapters is not None and source.adapters.is_file():
+            policy.load_adapter_state(load_checkpoint(source.adapters, restore_rng=False).adapters, source=f"checkpoint {source.adapters}")
+        elif source.adapters is not None:
             policy.load_adapters(source.adapters)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, RunFolderError) as exc:
         raise SetupError(f"policy {source.spec!r}: {exc}") from None
     policy.eval()
     return policy.to(device)
