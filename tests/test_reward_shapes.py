@@ -314,6 +314,6 @@ def test_the_synthetic_shapes_preset_logs_each_component():
     scene, _ = _scene([(RED_CIRCLE, 8, 8, 20), (BLUE_SQUARE, 36, 36, 20)])
     result = reward.score(ScoreBatch([scene], ["p"], [[_reference(RED_CIRCLE), _reference(BLUE_SQUARE)]]))
     assert set(result.components) == {"id", "subject_count", "background"}
-    expected = result.components["id"] + 0.1 * result.components["subject_count"] + 0.1 * result.components["background"]
+    expected = result.components["id"] + 0.2 * result.components["subject_count"] + 0.2 * result.components["background"]
     np.testing.assert_allclose(result.rewards, expected)
     assert result.components["id"][0] > 0.9 and result.components["subject_count"][0] == 1.0

@@ -77,7 +77,7 @@ def test_the_quickstart_trains_on_the_base_with_the_multi_subject_reward():
     cfg = load_config(GSPOTrainConfig, ROOT / "configs" / "quickstart.yaml")
     assert cfg.policy.source == "local" and cfg.policy.path == ".cache/tiny-base" and cfg.base.build_if_missing
     assert cfg.base.image_size == cfg.rollout.image_size and cfg.base.reference_size == cfg.rollout.reference_size
-    assert cfg.reward.resolved_weights() == {"id": 1.0, "subject_count": 0.1, "background": 0.1}
+    assert cfg.reward.resolved_weights() == {"id": 1.0, "subject_count": 0.2, "background": 0.2}
     assert cfg.reward.object.backend == "shapes" and cfg.reward.id_kinds == ("object",)
 
 

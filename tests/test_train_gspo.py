@@ -143,7 +143,7 @@ def test_plain_script_runs_the_quickstart_like_make_train():
     plain, resume = SCRIPT.resolve_config([])
     assert resume is None
     assert plain == SCRIPT.resolve_config(make_args)[0] == load_config(GSPOTrainConfig, ROOT / "configs" / "quickstart.yaml")
-    assert plain != GSPOTrainConfig() and plain.iterations == 100 and plain.learner.kl_beta == 0.1
+    assert plain != GSPOTrainConfig() and plain.iterations == 100 and plain.learner.kl_beta == 0.1 and plain.learner.per_component_advantages
     with_override, _ = SCRIPT.resolve_config(["iterations=7"])
     assert with_override.iterations == 7 and with_override.learner == plain.learner  # overrides apply on top of the quickstart
 
