@@ -21,9 +21,10 @@ PRESETS: dict[str, dict[str, float]] = {
     # id_kinds [object] and object.backend shapes): R_id by Hungarian matching of located shapes, plus
     # stand-ins for the text term (the named number of subjects) and the aesthetic term (a clean background).
     "weight_free": {"colour_target": 1.0},
-    # Light stand-in weights: at 0.25 or 0.5 a tiny policy learns to draw fewer blobs and loses R_id;
-    # without them it sprays extra blobs, which raises R_id (more candidates to match) and ruins the count.
-    "synthetic_shapes": {"id": 1.0, "subject_count": 0.1, "background": 0.1},
+    # Stand-in weights for per-component advantages (configs/rewards/synthetic_shapes.yaml says what 0.1 and
+    # 0.5 did): without them a policy sprays extra blobs, which raises R_id (more candidates to match) and
+    # ruins the count.
+    "synthetic_shapes": {"id": 1.0, "subject_count": 0.2, "background": 0.2},
     "custom": {},
 }
 
